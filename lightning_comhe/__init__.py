@@ -1,7 +1,55 @@
-"""lightning-comhe: Compressive Minimum Hyperspherical Energy regularization for PyTorch and Lightning."""
+"""lightning-comhe: Compressive Minimum Hyperspherical Energy regularization for PyTorch and Lightning.
 
+The core (energies, projections, neuron extraction, layer discovery, the regularizer) is pure PyTorch. The Lightning
+callback :class:`CoMHE` and the torchmetrics metric :class:`HypersphericalEnergy` are thin adapters over it; they
+are imported lazily so that ``import lightning_comhe`` works for raw-PyTorch users without touching Lightning.
+"""
+
+from typing import Any
+
+from lightning_comhe.discovery import LayerSelection, NeuronLayer, discover_layers
 from lightning_comhe.functional import OFFICIAL_POWERS, hyperspherical_energy, parse_power, projected_energy
+from lightning_comhe.functional.angles import angle_objective, eps_cosine
+from lightning_comhe.neurons import extract_neuron_sets, extract_neurons, register_extractor
+from lightning_comhe.projections import AdversarialProjection, AngleProjection, RandomProjection
+from lightning_comhe.regularizer import VARIANTS, CoMHERegularizer, RegularizerOutput, variant_defaults
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["OFFICIAL_POWERS", "__version__", "hyperspherical_energy", "parse_power", "projected_energy"]
+__all__ = [
+    "OFFICIAL_POWERS",
+    "VARIANTS",
+    "AdversarialProjection",
+    "AngleProjection",
+    "CoMHE",
+    "CoMHERegularizer",
+    "HypersphericalEnergy",
+    "LayerSelection",
+    "NeuronLayer",
+    "RandomProjection",
+    "RegularizerOutput",
+    "__version__",
+    "angle_objective",
+    "discover_layers",
+    "eps_cosine",
+    "extract_neuron_sets",
+    "extract_neurons",
+    "hyperspherical_energy",
+    "parse_power",
+    "projected_energy",
+    "register_extractor",
+    "variant_defaults",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # Lightning and torchmetrics adapters are imported on first use.
+    if name == "CoMHE":
+        from lightning_comhe.callback import CoMHE
+
+        return CoMHE
+    if name == "HypersphericalEnergy":
+        from lightning_comhe.metric import HypersphericalEnergy
+
+        return HypersphericalEnergy
+    raise AttributeError(f"module 'lightning_comhe' has no attribute {name!r}")

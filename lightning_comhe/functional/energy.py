@@ -15,8 +15,10 @@ projected energies of CoMHE (Lin et al., CVPR 2020) with the exact semantics of 
 
 Numerical safety: :math:`2 \mp 2c_{ij} = \|\hat w_i \mp \hat w_j\|^2 + \text{eps}/n_i^2 + \text{eps}/n_j^2`, so the
 squared chord is bounded below by :math:`b_{ij} = \text{eps}/n_i^2 + \text{eps}/n_j^2 > 0`. Values that floating
-point cancellation pushes below this exact bound are raised to it (with a zero gradient there), which keeps values
-and gradients finite for duplicate, antipodal, zero and near-zero neurons. The angle is computed as
+point cancellation pushes below this exact bound are raised to it, which keeps values and gradients finite for
+duplicate, antipodal, zero and near-zero neurons. The floor only undoes rounding, so the derivative of the unclamped
+expression is kept there (straight-through): an exact duplicate pair keeps its (large, radial) gradient, as in the
+official code, instead of losing it to the clamp. The angle is computed as
 :math:`\theta = 2\,\mathrm{atan2}(\sqrt{D^+}, \sqrt{D^-})`, which equals :math:`\arccos c` and has a finite gradient
 at :math:`c = \pm 1`.
 """
@@ -138,13 +140,19 @@ def _angle_dterm(a: Tensor, s: float) -> Tensor:
     return -1.0 / a if s == 0 else a.pow(-s - 1) * (-s)
 
 
+def _floor(x: Tensor, b: Tensor) -> Tensor:
+    """``max(x, b)`` in value with the derivative of ``x`` (straight-through): the floor only undoes rounding."""
+    y = torch.maximum(x, b)  # propagates NaN (check_finite=False with NaN input gives NaN, not a finite value)
+    if x.requires_grad:
+        y = y.detach() + (x - x.detach())  # x - x is exactly 0, so the value is unchanged
+    return y
+
+
 def _pair_terms(c: Tensor, b: Tensor, s: float, angular: bool, half_space: bool, eps: float) -> Tensor:
     """Per-pair energy terms, plain autograd (twice differentiable). Half-space: ``2 f(c) + 2 f(-c)``."""
-    dp = 2 - 2 * c
-    dp = torch.where(dp > b, dp, b)
+    dp = _floor(2 - 2 * c, b)
     if half_space or angular:
-        dm = 2 + 2 * c
-        dm = torch.where(dm > b, dm, b)
+        dm = _floor(2 + 2 * c, b)
     if not angular:
         out = _chord_term(dp, s)
         if half_space:
@@ -161,28 +169,24 @@ def _pair_terms_and_grad(
     c: Tensor, b: Tensor, s: float, angular: bool, half_space: bool, eps: float, need_value: bool
 ) -> tuple[Tensor | None, Tensor]:
     """Per-pair terms (optional) and their derivative with respect to ``c``; same semantics as `_pair_terms`."""
-    xp = 2 - 2 * c
-    mp = xp > b
-    dp = torch.where(mp, xp, b)
+    dp = _floor(2 - 2 * c, b)
     if half_space or angular:
-        xm = 2 + 2 * c
-        mm = xm > b
-        dm = torch.where(mm, xm, b)
+        dm = _floor(2 + 2 * c, b)
     value = None
     if not angular:
         # d/dc f(2 - 2c) = -2 g'(D+) ; d/dc f(2 + 2c) = +2 g'(D-)
-        grad = torch.where(mp, _chord_dterm(dp, s), 0.0) * -2.0
+        grad = _chord_dterm(dp, s) * -2.0
         if need_value:
             value = _chord_term(dp, s)
         if half_space:
-            grad = 2 * grad + 4 * torch.where(mm, _chord_dterm(dm, s), 0.0)
+            grad = 2 * grad + 4 * _chord_dterm(dm, s)
             if need_value:
                 value = 2 * value + 2 * _chord_term(dm, s)
         return value, grad
     ra, rb = dp.sqrt(), dm.sqrt()
     theta = 2 * torch.atan2(ra, rb) / math.pi
-    # dθ/dc for θ = 2 atan2(√D+, √D-) with masked derivatives of the clamped D±, divided by π.
-    dtheta = (-2.0 / math.pi) * (rb / ra * mp + ra / rb * mm) / (dp + dm)
+    # dθ/dc for θ = 2 atan2(√D+, √D-), divided by π: -1/(π sqrt(1 - c²)) = -2/(π √D+ √D-).
+    dtheta = (-2.0 / math.pi) / (ra * rb)
     grad = _angle_dterm(theta + eps, s) * dtheta
     if need_value:
         value = _angle_term(theta + eps, s)
@@ -443,8 +447,18 @@ def projected_energy(
         else:
             v = torch.bmm(wb, p.reshape(g, c * k, d).transpose(1, 2))
         v = v.reshape(g, n, c, k).transpose(1, 2).reshape(g * c, n, k)
-    energy = hyperspherical_energy(
-        v, power, half_space=half_space, angular=angular, eps=eps, check_finite=False, backend=backend,
-        tile_size=tile_size,
-    ).reshape(g, c).mean(-1)
+    energy = (
+        hyperspherical_energy(
+            v,
+            power,
+            half_space=half_space,
+            angular=angular,
+            eps=eps,
+            check_finite=False,
+            backend=backend,
+            tile_size=tile_size,
+        )
+        .reshape(g, c)
+        .mean(-1)
+    )
     return energy if batched else energy[0]
