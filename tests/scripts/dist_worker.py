@@ -1,0 +1,144 @@
+"""Worker for the distributed CoMHE tests: runs several short ``Trainer.fit`` calls in one process group.
+
+Started by ``tests/test_distributed.py`` (never by pytest directly)::
+
+    python tests/scripts/dist_worker.py --mode ddp --out DIR --configs '[{"name": "random", ...}]'
+
+Modes:
+
+- ``ddp``: ``Trainer(accelerator="cpu", devices=2, strategy=DDPStrategy(gloo))``. Started once by the test; Lightning's
+  own launcher re-runs this script for local rank 1 (the real ``strategy="ddp"`` path).
+- ``multinode``: ``Trainer(num_nodes=2, devices=1, strategy=DDPStrategy(gloo))``. The test starts one process per
+  "node" by hand with ``MASTER_ADDR``/``MASTER_PORT``/``NODE_RANK``/``WORLD_SIZE``/``LOCAL_RANK``.
+- ``fsdp2``: ``ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)`` with ``fully_shard`` applied
+  to every ``Linear`` and to ``net`` in ``configure_model``.
+
+For every config it saves ``<out>/<name>_rank<global rank>.pt``: the final full weights, the callback state, the
+last logged ``comhe/penalty``, the global step and the (float64) inputs of every training batch the rank saw.
+"""
+
+import argparse
+import json
+import sys
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for `tests` and the package
+
+from lightning_comhe import CoMHE  # noqa: E402
+from tests.helpers import TinyMLP, make_dataset  # noqa: E402
+
+TIMEOUT = timedelta(seconds=120)  # collectives fail instead of hanging when the other rank is gone
+
+
+class FSDP2MLP(TinyMLP):
+    """:class:`TinyMLP` whose layers are sharded with FSDP2 (``fully_shard``) in ``configure_model``."""
+
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        if getattr(self, "_sharded", False):
+            return
+        mesh = self.device_mesh["data_parallel"]
+        for layer in self.net:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(self.net, mesh=mesh)
+        self._sharded = True
+
+
+class BatchRecorder(Callback):
+    """Records the inputs of every training batch this rank saw."""
+
+    def __init__(self) -> None:
+        self.inputs: list[torch.Tensor] = []
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self.inputs.append(batch[0].detach().clone())
+
+
+def full_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Plain tensors of the parameters (FSDP2 ``DTensor`` shards are gathered; a collective on every rank)."""
+    out = {}
+    for name, p in model.named_parameters():
+        t = p.detach()
+        if hasattr(t, "full_tensor"):
+            t = t.full_tensor()
+        out[name] = t.clone()
+    return out
+
+
+def run(mode: str, config: dict[str, Any], out: Path) -> None:
+    if mode == "fsdp2":
+        strategy: Any = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, timeout=TIMEOUT)
+        model: TinyMLP = FSDP2MLP(momentum=0.9).double()
+        devices, num_nodes = 2, 1
+    else:
+        strategy = DDPStrategy(process_group_backend="gloo", timeout=TIMEOUT)
+        model = TinyMLP(momentum=0.9)
+        devices, num_nodes = (2, 1) if mode == "ddp" else (1, 2)
+    dataset = make_dataset(num_batches=5, batch_size=3)  # 15 samples: the sampler pads one index per epoch
+    precision = "64-true"
+    if mode == "fsdp2":
+        # ModelParallelStrategy refuses "64-true": the model is built in float64 above and fed float64 data.
+        precision = "32-true"
+        dataset = TensorDataset(*(t.double() for t in dataset.tensors))
+    loader = DataLoader(dataset, batch_size=config["batch_size"], shuffle=False)
+    callback = CoMHE(**config["comhe"])
+    recorder = BatchRecorder()
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=devices,
+        num_nodes=num_nodes,
+        strategy=strategy,
+        precision=precision,
+        max_steps=config["max_steps"],
+        accumulate_grad_batches=config["accumulate"],
+        callbacks=[callback, recorder],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(model, loader)
+    weights = full_weights(model)
+    result = {
+        "world_size": trainer.world_size,
+        "global_rank": trainer.global_rank,
+        "node_rank": trainer.node_rank,
+        "global_step": trainer.global_step,
+        "weights": weights,
+        "callback_state": callback.state_dict(),
+        "penalty": trainer.callback_metrics["comhe/penalty"].clone(),
+        "inputs": recorder.inputs,
+        "sharded": any(type(p).__name__ == "DTensor" for p in model.parameters()),
+    }
+    torch.save(result, out / f"{config['name']}_rank{trainer.global_rank}.pt")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--mode", choices=["ddp", "multinode", "fsdp2"], required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--configs", type=str, required=True, help="JSON list of configs")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    for config in json.loads(args.configs):
+        run(args.mode, config, args.out)
+    # A clean shutdown: without it a rank whose peer has already exited can abort at interpreter exit
+    # ("terminate called without an active exception").
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""Multi-process tests of the CoMHE callback: DDP (gloo), two "nodes" on localhost, and FSDP2 on CPU.
+
+Each strategy runs one worker launch (``tests/scripts/dist_worker.py``) holding several short fits, so the process
+start-up cost is paid once per strategy. Every fit is checked three ways:
+
+- the ranks end bit-identical (weights, callback state, logged penalty);
+- each rank saw exactly the batches of a hand-written reproduction of Lightning's ``DistributedSampler``;
+- the final weights equal a single-process float64 reference: mean over ranks of the task gradients plus the
+  penalty gradient once per optimizer step (:func:`tests.dist_helpers.reference_fit_data_parallel`), and differ
+  from the penalty-free reference.
+"""
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from lightning_comhe.regularizer import CoMHERegularizer
+from tests.dist_helpers import (
+    base_env,
+    epoch_batches,
+    free_port,
+    python_script,
+    reference_fit_data_parallel,
+    run_processes,
+)
+from tests.helpers import TinyMLP, assert_nested_equal, clone_model, make_dataset, regularizer_penalty
+
+pytestmark = pytest.mark.distributed
+
+TIMEOUT = 240.0  # seconds for one worker launch (all its fits); typical: 15-30 s on 2 busy cores
+WORLD_SIZE = 2
+# Small projections (d = 6 or 8 > k = 4, so the layers are really projected) and moderate weights; see test_callback.
+_PROJECTED = {"weight": 0.1, "head_weight": 1.0, "projection_dim": 4}
+COMHE = {
+    "mhe": {"variant": "mhe"},
+    "half_mhe": {"variant": "half_mhe"},
+    "random": {"variant": "random", "num_projections": 3, **_PROJECTED},
+    "angle": {"variant": "angle", **_PROJECTED},
+    "adversarial": {"variant": "adversarial", "inner_steps": 2, **_PROJECTED},
+}
+
+
+def _config(name: str, variant: str, *, accumulate: int = 1, batch_size: int = 4, max_steps: int = 4) -> dict:
+    """One fit of the worker. 15 samples: 8 per rank and epoch (one padded index); batch 4 -> 2 batches per rank,
+    batch 3 -> 3 batches (3 + 3 + 2), i.e. a ragged accumulation window of 1 with ``accumulate=2``."""
+    return {
+        "name": name,
+        "comhe": {**COMHE[variant], "seed": 7},
+        "accumulate": accumulate,
+        "batch_size": batch_size,
+        "max_steps": max_steps,
+    }
+
+
+DDP_CONFIGS = [
+    _config("mhe", "mhe"),
+    _config("half_mhe", "half_mhe"),
+    _config("random", "random"),
+    _config("angle", "angle"),
+    _config("adversarial", "adversarial"),
+    _config("random_acc2", "random", accumulate=2, batch_size=3, max_steps=4),
+    _config("angle_acc2", "angle", accumulate=2, batch_size=3, max_steps=4),
+]
+MULTINODE_CONFIGS = [
+    _config("random", "random"),
+    _config("adversarial_acc2", "adversarial", accumulate=2, batch_size=3, max_steps=4),
+]
+FSDP2_CONFIGS = [
+    _config("mhe", "mhe"),
+    _config("random", "random"),
+    _config("adversarial_acc2", "adversarial", accumulate=2, batch_size=3, max_steps=4),
+]
+
+
+def _launch(mode: str, configs: list[dict], out: Path, *, by_hand: bool) -> dict[str, list[dict[str, Any]]]:
+    """Run the worker; return, per config name, the per-rank results (ordered by global rank)."""
+    args = ["--mode", mode, "--out", str(out), "--configs", json.dumps(configs)]
+    for _attempt in range(3):  # a free port can be taken by another process before the workers bind it: retry
+        port = str(free_port())
+        if by_hand:  # one process per "node", started here
+            envs = [
+                base_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, NODE_RANK=str(r), WORLD_SIZE="2", LOCAL_RANK="0")
+                for r in range(2)
+            ]
+            commands = [python_script("dist_worker.py", *args)] * 2
+        else:  # Lightning's launcher starts local rank 1 itself
+            envs = [base_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)]
+            commands = [python_script("dist_worker.py", *args)]
+        finished = run_processes(commands, envs, timeout=TIMEOUT)
+        if not any(f.returncode != 0 and "address already in use" in f.output.lower() for f in finished):
+            break
+    for f in finished:
+        assert f.returncode == 0, f.output[-6000:]
+    results = {}
+    for c in configs:
+        files = [out / f"{c['name']}_rank{r}.pt" for r in range(WORLD_SIZE)]
+        missing = [str(f) for f in files if not f.exists()]
+        assert not missing, f"missing results {missing}:\n" + "\n".join(f.output[-3000:] for f in finished)
+        results[c["name"]] = [torch.load(f, weights_only=False) for f in files]
+    return results
+
+
+@pytest.fixture(scope="module")
+def ddp_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, Any]]]:
+    return _launch("ddp", DDP_CONFIGS, tmp_path_factory.mktemp("ddp"), by_hand=False)
+
+
+@pytest.fixture(scope="module")
+def multinode_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, Any]]]:
+    return _launch("multinode", MULTINODE_CONFIGS, tmp_path_factory.mktemp("multinode"), by_hand=True)
+
+
+@pytest.fixture(scope="module")
+def fsdp2_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, Any]]]:
+    return _launch("fsdp2", FSDP2_CONFIGS, tmp_path_factory.mktemp("fsdp2"), by_hand=False)
+
+
+def _check(results: list[dict[str, Any]], config: dict) -> None:
+    r0, r1 = results
+    # 1. a real 2-process run that went the whole way
+    assert [r["global_rank"] for r in results] == [0, 1]
+    assert all(r["world_size"] == WORLD_SIZE and r["global_step"] == config["max_steps"] for r in results)
+
+    # 2. replicas bit-identical
+    assert r0["weights"].keys() == r1["weights"].keys()
+    for k in r0["weights"]:
+        assert r0["weights"][k].dtype == torch.float64
+        assert torch.equal(r0["weights"][k], r1["weights"][k]), f"ranks differ on {k}"
+    assert_nested_equal(r0["callback_state"], r1["callback_state"])
+    assert torch.equal(r0["penalty"], r1["penalty"])
+
+    # 3. each rank saw the batches of the hand-written DistributedSampler, epoch after epoch
+    dataset = make_dataset(num_batches=5, batch_size=3)
+    seen = [r["inputs"] for r in results]
+    epoch = 0
+    while seen[0]:
+        expected = epoch_batches(dataset, WORLD_SIZE, epoch, config["batch_size"])
+        for rank in range(WORLD_SIZE):
+            n = min(len(expected[rank]), len(seen[rank]))
+            for i in range(n):
+                torch.testing.assert_close(seen[rank][i], expected[rank][i][0].double(), atol=0, rtol=0)
+            seen[rank] = seen[rank][n:]
+        epoch += 1
+    assert not seen[1]
+
+    # 4. the single-process data-parallel reference, and the penalty mattered
+    model = TinyMLP(momentum=0.9).double()
+    ref, plain = clone_model(model), clone_model(model)
+    common = {
+        "world_size": WORLD_SIZE,
+        "batch_size": config["batch_size"],
+        "max_steps": config["max_steps"],
+        "accumulate": config["accumulate"],
+    }
+    penalty = regularizer_penalty(CoMHERegularizer(ref, **config["comhe"]))
+    _, penalties = reference_fit_data_parallel(ref, dataset, penalty_fn=penalty, **common)
+    reference_fit_data_parallel(plain, dataset, penalty_fn=None, **common)
+    ref_weights = {k: v.detach() for k, v in ref.named_parameters()}
+    plain_weights = {k: v.detach() for k, v in plain.named_parameters()}
+    assert ref_weights.keys() == r0["weights"].keys()
+    for k, v in ref_weights.items():
+        torch.testing.assert_close(r0["weights"][k], v, atol=1e-12, rtol=1e-10, msg=lambda m, k=k: f"{k}: {m}")
+    torch.testing.assert_close(r0["penalty"], penalties[-1], atol=1e-12, rtol=1e-10)
+    assert max((r0["weights"][k] - plain_weights[k]).abs().max().item() for k in plain_weights) > 1e-3
+
+
+@pytest.mark.parametrize("config", DDP_CONFIGS, ids=[c["name"] for c in DDP_CONFIGS])
+def test_ddp_matches_data_parallel_reference(config: dict, ddp_results: dict) -> None:
+    """``Trainer(accelerator="cpu", devices=2, strategy="ddp")`` (gloo), launched by Lightning itself."""
+    _check(ddp_results[config["name"]], config)
+
+
+@pytest.mark.parametrize("config", MULTINODE_CONFIGS, ids=[c["name"] for c in MULTINODE_CONFIGS])
+def test_multinode_matches_data_parallel_reference(config: dict, multinode_results: dict) -> None:
+    """``num_nodes=2, devices=1`` on localhost, one process per "node" started by hand with ``NODE_RANK=0|1``."""
+    assert [r["node_rank"] for r in multinode_results[config["name"]]] == [0, 1]
+    _check(multinode_results[config["name"]], config)
+
+
+@pytest.mark.parametrize("config", FSDP2_CONFIGS, ids=[c["name"] for c in FSDP2_CONFIGS])
+def test_fsdp2_matches_data_parallel_reference(config: dict, fsdp2_results: dict) -> None:
+    """FSDP2 on CPU: ``ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)`` + ``fully_shard``."""
+    results = fsdp2_results[config["name"]]
+    assert all(r["sharded"] for r in results)  # the weights really were DTensors during training
+    _check(results, config)
