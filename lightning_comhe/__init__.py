@@ -10,6 +10,7 @@ from typing import Any
 from lightning_comhe.discovery import LayerSelection, NeuronLayer, discover_layers
 from lightning_comhe.functional import OFFICIAL_POWERS, hyperspherical_energy, parse_power, projected_energy
 from lightning_comhe.functional.angles import angle_objective, eps_cosine
+from lightning_comhe.functional.orthogonality import orthonormality, soft_orthogonality, srip, srip_power_iteration
 from lightning_comhe.neurons import extract_neuron_sets, extract_neurons, register_extractor
 from lightning_comhe.projections import AdversarialProjection, AngleProjection, RandomProjection
 from lightning_comhe.regularizer import VARIANTS, CoMHERegularizer, RegularizerOutput, variant_defaults
@@ -35,9 +36,13 @@ __all__ = [
     "extract_neuron_sets",
     "extract_neurons",
     "hyperspherical_energy",
+    "orthonormality",
     "parse_power",
     "projected_energy",
     "register_extractor",
+    "soft_orthogonality",
+    "srip",
+    "srip_power_iteration",
     "variant_defaults",
 ]
 

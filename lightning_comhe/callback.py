@@ -27,7 +27,16 @@ from lightning_comhe.regularizer import CoMHERegularizer
 
 __all__ = ["CoMHE"]
 
-_VARIANTS: tuple[str, ...] = ("mhe", "half_mhe", "random", "angle", "adversarial")
+_VARIANTS: tuple[str, ...] = (
+    "mhe",
+    "half_mhe",
+    "random",
+    "angle",
+    "adversarial",
+    "orthogonal",
+    "orthonormal",
+    "srip",
+)
 _LOOKAHEADS: tuple[str, ...] = ("none", "first", "second")
 _GROUPED: tuple[str, ...] = ("per_group", "skip")
 _STD_CONV: tuple[str, ...] = ("raw", "standardized")
@@ -147,6 +156,10 @@ class CoMHE(Callback):
             - ``"random"``: RP-CoMHE, random Gaussian projections redrawn every ``resample_every`` steps.
             - ``"angle"``: AP-CoMHE, an angle-preserving projection fitted by a side optimizer.
             - ``"adversarial"``: a projection fitted by a side optimizer to maximise the energy.
+            - ``"orthogonal"``, ``"orthonormal"``, ``"srip"``: the peer regularizers of the paper's tables (soft
+              orthogonality, orthonormality of the neuron directions, spectral restricted isometry), with the same
+              penalty on hidden layers and the classifier; see ``docs/peers.md``. ``weight`` and ``head_weight``
+              default to 1e-4 (``"srip"``: 1e-2).
         weight: :math:`\kappa` of the hidden layers. ``None``: the official 1 (0.1 for angular powers ``s > 0``).
         head_weight: :math:`\kappa` of the classifier. ``None``: the official 10 (1 for angular powers ``s > 0``).
         power: The energy's power ``s``: ``0`` (logarithmic), a float ``> 0``, or one of the official strings
@@ -182,6 +195,12 @@ class CoMHE(Callback):
             step).
         name: Optional instance name, used as log prefix ``comhe/<name>/`` and in the checkpoint state key. Give
             one to each instance when several ``CoMHE`` callbacks run together.
+        ortho_normalize: ``"orthogonal"`` and ``"srip"`` only: regularize the eps-normalized neurons instead of the
+            raw ones (default ``False``, as Bansal et al.).
+        srip_iterations: ``"srip"`` only: power-iteration steps per optimizer step on the persistent vectors, which
+            are saved in checkpoints.
+        srip_squared: ``"srip"`` only: penalize the squared spectral norm (the released SRIP code) instead of the
+            spectral norm (the paper).
 
     Raises:
         MisconfigurationException: At construction, for an unknown ``variant``, ``lookahead``, ``grouped`` or
@@ -204,7 +223,9 @@ class CoMHE(Callback):
 
     def __init__(
         self,
-        variant: Literal["mhe", "half_mhe", "random", "angle", "adversarial"] = "random",
+        variant: Literal[
+            "mhe", "half_mhe", "random", "angle", "adversarial", "orthogonal", "orthonormal", "srip"
+        ] = "random",
         weight: float | None = None,
         head_weight: float | None = None,
         power: float | str = 2,
@@ -223,6 +244,9 @@ class CoMHE(Callback):
         seed: int = 0,
         log_every: int = 50,
         name: str | None = None,
+        ortho_normalize: bool = False,
+        srip_iterations: int = 1,
+        srip_squared: bool = False,
     ) -> None:
         super().__init__()
         _check_choice("variant", variant, _VARIANTS)
@@ -248,6 +272,10 @@ class CoMHE(Callback):
         _check_int("inner_steps", inner_steps, 0, allow_none=True)
         _check_int("seed", seed, 0, allow_none=False)
         _check_int("log_every", log_every, 1, allow_none=False)
+        _check_int("srip_iterations", srip_iterations, 0, allow_none=False)
+        for flag, flag_value in (("ortho_normalize", ortho_normalize), ("srip_squared", srip_squared)):
+            if not isinstance(flag_value, bool):
+                raise MisconfigurationException(f"`CoMHE({flag}=...)` must be a bool, got {flag_value!r}.")
         if variant in ("angle", "adversarial") and num_projections not in (None, 1):
             raise MisconfigurationException(
                 f"`CoMHE(num_projections=...)` must be 1 or None for variant {variant!r} (one learned projection per "
@@ -281,6 +309,9 @@ class CoMHE(Callback):
         self.seed = seed
         self.log_every = log_every
         self.name = name
+        self.ortho_normalize = ortho_normalize
+        self.srip_iterations = srip_iterations
+        self.srip_squared = srip_squared
 
         self._regularizer: CoMHERegularizer | None = None
         self._module: pl.LightningModule | None = None
@@ -331,6 +362,9 @@ class CoMHE(Callback):
             "grouped": self.grouped,
             "std_conv": self.std_conv,
             "seed": self.seed,
+            "ortho_normalize": self.ortho_normalize,
+            "srip_iterations": self.srip_iterations,
+            "srip_squared": self.srip_squared,
         }
 
     # ----------------------------------------------------------------------------------------------------------

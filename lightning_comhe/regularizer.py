@@ -27,6 +27,13 @@ variant            hidden sets (:math:`\kappa` = ``weight``)   head (:math:`\kap
 A hidden set whose dimension ``d`` is at most the projection dimension ``k`` is regularized with half-space MHE in
 full space, without projection: this generalizes the official rule for the first layer (``d = 27 <= k``).
 Sets with equal shapes are stacked and computed together in batched matmuls.
+
+The peer regularizers of the paper's comparison tables are further variants (``docs/peers.md``): ``"orthogonal"``
+(soft orthogonality :math:`\|G - I\|_F^2`, Bansal et al., NeurIPS 2018), ``"orthonormal"`` (the same on
+eps-normalized neurons) and ``"srip"`` (the spectral norm :math:`\sigma(G - I)` by power iteration, Bansal et al.),
+where ``G`` is the smaller Gram matrix of the set. They apply the same penalty to hidden layers (``weight``) and the
+classifier (``head_weight``), both defaulting to :data:`PEER_DEFAULT_WEIGHTS`, as Bansal et al. regularize every
+weight matrix.
 """
 
 import math
@@ -38,12 +45,42 @@ from torch import Tensor, nn
 
 from lightning_comhe.discovery import LayerSelection, discover_layers
 from lightning_comhe.functional.energy import PowerLike, hyperspherical_energy, parse_power, projected_energy
-from lightning_comhe.projections import AdversarialProjection, AngleProjection, RandomProjection
+from lightning_comhe.functional.orthogonality import soft_orthogonality, srip, srip_power_iteration
+from lightning_comhe.projections import (
+    PROJECTION_KINDS,
+    AdversarialProjection,
+    AngleProjection,
+    ProjectionKind,
+    RandomProjection,
+    key_seed,
+)
 
-__all__ = ["CoMHERegularizer", "RegularizerOutput", "Variant", "VARIANTS", "variant_defaults"]
+__all__ = [
+    "CoMHERegularizer",
+    "PEER_DEFAULT_WEIGHTS",
+    "PEER_VARIANTS",
+    "RegularizerOutput",
+    "Variant",
+    "VARIANTS",
+    "variant_defaults",
+]
 
-Variant = Literal["mhe", "half_mhe", "random", "angle", "adversarial"]
-VARIANTS: tuple[str, ...] = ("mhe", "half_mhe", "random", "angle", "adversarial")
+Variant = Literal["mhe", "half_mhe", "random", "angle", "adversarial", "orthogonal", "orthonormal", "srip"]
+VARIANTS: tuple[str, ...] = (
+    "mhe",
+    "half_mhe",
+    "random",
+    "angle",
+    "adversarial",
+    "orthogonal",
+    "orthonormal",
+    "srip",
+)
+#: The peer regularizers of the paper's tables (docs/peers.md): same penalty on hidden layers and the classifier.
+PEER_VARIANTS: tuple[str, ...] = ("orthogonal", "orthonormal", "srip")
+#: Default κ (hidden and head) of the peer variants: Bansal et al. (NeurIPS 2018) use 1e-4..1e-2 scales; the released
+#: SRIP code starts at 1e-2 (docs/peers.md).
+PEER_DEFAULT_WEIGHTS: dict[str, float] = {"orthogonal": 1e-4, "orthonormal": 1e-4, "srip": 1e-2}
 
 #: Official defaults per variant (algorithm.md §6.1): projection dim k, number of projections C, inner steps.
 _VARIANT_DEFAULTS: dict[str, dict[str, int | None]] = {
@@ -52,6 +89,9 @@ _VARIANT_DEFAULTS: dict[str, dict[str, int | None]] = {
     "random": {"projection_dim": 40, "num_projections": 20, "inner_steps": None},
     "angle": {"projection_dim": 30, "num_projections": 1, "inner_steps": 1},
     "adversarial": {"projection_dim": 30, "num_projections": 1, "inner_steps": 10},
+    "orthogonal": {"projection_dim": None, "num_projections": None, "inner_steps": None},
+    "orthonormal": {"projection_dim": None, "num_projections": None, "inner_steps": None},
+    "srip": {"projection_dim": None, "num_projections": None, "inner_steps": None},
 }
 _DEFAULT_INNER_LR = 0.1  # the official base learning rate, used when neither inner_lr nor the caller's lr is known
 
@@ -92,7 +132,7 @@ class _SetRef:
 @dataclass
 class _Group:
     key: str
-    mode: Literal["plain", "half", "projected"]
+    mode: Literal["plain", "half", "projected", "orthogonal", "orthonormal", "srip"]
     kappa: float
     num_neurons: int
     dim: int
@@ -149,7 +189,8 @@ class CoMHERegularizer:
 
     Args:
         model: The model whose layers are regularized. Only a reference is kept (it is not registered as a child).
-        variant: ``"mhe"``, ``"half_mhe"``, ``"random"`` (RP-CoMHE), ``"angle"`` (AP-CoMHE) or ``"adversarial"``.
+        variant: ``"mhe"``, ``"half_mhe"``, ``"random"`` (RP-CoMHE), ``"angle"`` (AP-CoMHE) or ``"adversarial"``;
+            or a peer regularizer: ``"orthogonal"``, ``"orthonormal"``, ``"srip"`` (see ``docs/peers.md``).
         power: Energy power: ``0``, a float ``> 0``, or ``"0" "1" "2" "a0" "a1" "a2"`` (official strings).
         angular: Use the angular distance (implied by the ``"a"`` strings).
         weight: κ of hidden sets. ``None``: official, 1 (0.1 for angular powers ``s > 0``).
@@ -158,6 +199,10 @@ class CoMHERegularizer:
         num_projections: C. ``None``: official per variant (random 20, angle/adversarial 1; C > 1 for the learned
             projections is an extension: the learned P is shared, so only C = 1 is allowed there).
         resample_every: Redraw random projections every this many :meth:`refresh` calls (official: 1).
+        projection_kind: For ``variant="random"``: ``"gaussian"`` (official), or an opt-in structured projection that
+            cuts the projection cost, which dominates RP-CoMHE: ``"sparse"`` (very sparse signs, density
+            ``1/sqrt(d)``, the fastest) or ``"srht"`` (subsampled randomized Hadamard; JL for every input). See
+            :class:`~lightning_comhe.projections.RandomProjection` and ``docs/benchmarks.md``.
         inner_steps: Side-optimizer steps per :meth:`refresh` for learned projections (official: angle 1,
             adversarial 10).
         inner_lr: Side-optimizer learning rate. ``None``: the ``lr`` given to :meth:`refresh` (the main optimizer's
@@ -172,6 +217,12 @@ class CoMHERegularizer:
         std_conv: For timm's standardized convs: use the ``"raw"`` or the ``"standardized"`` weight.
         seed: Seed of the projections' own generators (same seed, same stream, on every process).
         eps: The constant inside each norm's square root.
+        ortho_normalize: ``"orthogonal"`` and ``"srip"`` only: use the eps-normalized neurons instead of the raw
+            ones (default ``False``, as Bansal et al.). ``"orthonormal"`` always normalizes.
+        srip_iterations: ``"srip"`` only: power-iteration steps per :meth:`refresh` on the persistent vectors
+            (default 1, i.e. two matrix-vector products per step with the penalty's own, as the released code).
+        srip_squared: ``"srip"`` only: penalize :math:`\sigma^2` (the released code) instead of :math:`\sigma`
+            (the paper).
 
     Raises:
         ValueError: For an invalid argument (the message names it), or when no layer is selected.
@@ -202,6 +253,7 @@ class CoMHERegularizer:
         projection_dim: int | None = None,
         num_projections: int | None = None,
         resample_every: int = 1,
+        projection_kind: ProjectionKind = "gaussian",
         inner_steps: int | None = None,
         inner_lr: float | None = None,
         lookahead: Literal["none", "first", "second"] = "none",
@@ -212,6 +264,9 @@ class CoMHERegularizer:
         std_conv: Literal["raw", "standardized"] = "raw",
         seed: int = 0,
         eps: float = 1e-4,
+        ortho_normalize: bool = False,
+        srip_iterations: int = 1,
+        srip_squared: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` must be a torch.nn.Module; got {type(model).__name__}.")
@@ -227,7 +282,20 @@ class CoMHERegularizer:
         _check_int("inner_steps", inner_steps, 0)
         _check_float("inner_lr", inner_lr)
         _check_float("eps", eps, 0.0, allow_none=False, strict=True)
+        if not isinstance(ortho_normalize, bool):
+            raise ValueError(f"`ortho_normalize` must be a bool; got {ortho_normalize!r}.")
+        _check_int("srip_iterations", srip_iterations, 0, allow_none=False)
+        if not isinstance(srip_squared, bool):
+            raise ValueError(f"`srip_squared` must be a bool; got {srip_squared!r}.")
         _check_int("seed", seed, 0, allow_none=False)
+        if projection_kind not in PROJECTION_KINDS:
+            raise ValueError(
+                f"`projection_kind` must be one of {', '.join(map(repr, PROJECTION_KINDS))}; got {projection_kind!r}."
+            )
+        if projection_kind != "gaussian" and variant != "random":
+            raise ValueError(
+                f"`projection_kind={projection_kind!r}` applies to variant='random' only; got variant={variant!r}."
+            )
         if lookahead not in ("none", "first", "second"):
             raise ValueError(f"`lookahead` must be one of 'none', 'first', 'second'; got {lookahead!r}.")
         if grouped not in ("per_group", "skip"):
@@ -237,6 +305,12 @@ class CoMHERegularizer:
         defaults = variant_defaults(variant)
         self.variant: str = variant
         official_hidden, official_head = (0.1, 1.0) if (self.angular and self.s > 0) else (1.0, 10.0)
+        if variant in PEER_VARIANTS:
+            official_hidden = official_head = PEER_DEFAULT_WEIGHTS[variant]
+        self.ortho_normalize = ortho_normalize
+        self.srip_iterations = srip_iterations
+        self.srip_squared = srip_squared
+        self._srip_vectors: dict[str, Tensor] = {}
         self.weight = float(official_hidden if weight is None else weight)
         self.head_weight = float(official_head if head_weight is None else head_weight)
         self.projection_dim = projection_dim if projection_dim is not None else defaults["projection_dim"]
@@ -248,6 +322,7 @@ class CoMHERegularizer:
                 f"official code); got {num_projections!r}."
             )
         self.resample_every = resample_every
+        self.projection_kind = projection_kind
         self.inner_lr = inner_lr
         self.lookahead = lookahead
         self.seed = seed
@@ -272,7 +347,11 @@ class CoMHERegularizer:
         self._projector: RandomProjection | AngleProjection | AdversarialProjection | None = None
         if variant == "random":
             self._projector = RandomProjection(
-                dim=self.projection_dim, num=self.num_projections, resample_every=resample_every, seed=seed
+                dim=self.projection_dim,
+                num=self.num_projections,
+                resample_every=resample_every,
+                seed=seed,
+                kind=projection_kind,
             )
         elif variant == "angle":
             self._projector = AngleProjection(
@@ -321,7 +400,10 @@ class CoMHERegularizer:
         groups: dict[tuple, _Group] = {}
         for layer in self.selection.layers:
             for index, (num_sets, n, d) in enumerate(layer.shapes()):
-                if layer.role == "head":
+                if self.variant in PEER_VARIANTS:
+                    role_kappa = self.head_weight if layer.role == "head" else self.weight
+                    mode, kappa, tag = self.variant, role_kappa, layer.role
+                elif layer.role == "head":
                     mode, kappa, tag = "plain", self.head_weight, "head"
                 elif self.variant == "mhe":
                     mode, kappa, tag = "plain", self.weight, "hidden"
@@ -357,6 +439,10 @@ class CoMHERegularizer:
         _check_float("lr", lr)
         self._refreshes += 1
         self._last_lr = lr
+        if self.variant == "srip":
+            cache_srip: dict[str, list[Tensor]] = {}
+            for group in self._groups:
+                self._srip_vector(group, self._group_neurons(group, cache_srip), advance=True)
         if self._projector is None:
             return
         if isinstance(self._projector, RandomProjection):
@@ -397,12 +483,46 @@ class CoMHERegularizer:
         energies = {name: torch.cat(parts).mean() for name, parts in per_layer.items()}
         return RegularizerOutput(penalty=penalty, energies=energies)
 
+    def _srip_vector(self, group: _Group, neurons: Tensor, advance: bool) -> Tensor:
+        """The group's persistent power-iteration vectors, created on first use; ``advance`` runs the iterations."""
+        current = self._srip_vectors.get(group.key)
+        if current is None:
+            generator = torch.Generator().manual_seed(key_seed(self.seed, f"srip:{group.key}"))
+            current = srip_power_iteration(
+                neurons, None, self.srip_iterations, normalize=self.ortho_normalize, eps=self.eps, generator=generator
+            )
+        elif advance:
+            current = srip_power_iteration(
+                neurons, current, self.srip_iterations, normalize=self.ortho_normalize, eps=self.eps
+            )
+        self._srip_vectors[group.key] = current
+        return current
+
     def _group_energy(self, group: _Group, neurons: Tensor) -> Tensor:
+        if group.mode in ("orthogonal", "orthonormal"):
+            normalize = group.mode == "orthonormal" or self.ortho_normalize
+            return soft_orthogonality(neurons, normalize=normalize, eps=self.eps, check_finite=False)
+        if group.mode == "srip":
+            vectors = self._srip_vector(group, neurons, advance=False)
+            return srip(
+                neurons,
+                vectors,
+                normalize=self.ortho_normalize,
+                squared=self.srip_squared,
+                eps=self.eps,
+                check_finite=False,
+            )
         kw: dict[str, Any] = {"power": self.s, "angular": self.angular, "eps": self.eps}
         if group.mode == "plain":
             return hyperspherical_energy(neurons, half_space=False, check_finite=False, **kw)
         if group.mode == "half":
             return hyperspherical_energy(neurons, half_space=True, check_finite=False, **kw)
+        if isinstance(self._projector, RandomProjection) and self._projector.kind != "gaussian":
+            # structured projections are applied, never materialised: (G, C, N, k) -> half-space energy per set
+            v = self._projector.project(group.key, neurons)
+            g, c, n, k = v.shape
+            energy = hyperspherical_energy(v.reshape(g * c, n, k), half_space=True, check_finite=False, **kw)
+            return energy.reshape(g, c).mean(-1)
         if isinstance(self._projector, RandomProjection):
             dtype = torch.float64 if neurons.dtype == torch.float64 else torch.float32
             proj = self._projector.projections(group.key, neurons.shape[0], group.dim, neurons.device, dtype)
@@ -421,6 +541,7 @@ class CoMHERegularizer:
             "refreshes": self._refreshes,
             "last_lr": self._last_lr,
             "projector": None if self._projector is None else self._projector.state_dict(),
+            "srip_vectors": {key: v.detach().clone() for key, v in self._srip_vectors.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -443,3 +564,4 @@ class CoMHERegularizer:
         self._last_lr = state.get("last_lr")
         if self._projector is not None and state.get("projector") is not None:
             self._projector.load_state_dict(state["projector"])
+        self._srip_vectors = {key: v.detach().clone() for key, v in (state.get("srip_vectors") or {}).items()}

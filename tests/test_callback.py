@@ -357,6 +357,9 @@ def test_every_argument_reaches_the_regularizer() -> None:
         "grouped": "skip",
         "std_conv": "standardized",
         "seed": 11,
+        "ortho_normalize": True,
+        "srip_iterations": 2,
+        "srip_squared": True,
     }
     callback_params = set(inspect.signature(CoMHE).parameters) - {"log_every", "name"}
     assert callback_params == set(values)

@@ -7,5 +7,23 @@ from lightning_comhe.functional.energy import (
     parse_power,
     projected_energy,
 )
+from lightning_comhe.functional.orthogonality import (
+    gram_residual,
+    orthonormality,
+    soft_orthogonality,
+    srip,
+    srip_power_iteration,
+)
 
-__all__ = ["OFFICIAL_POWERS", "PowerLike", "hyperspherical_energy", "parse_power", "projected_energy"]
+__all__ = [
+    "OFFICIAL_POWERS",
+    "PowerLike",
+    "gram_residual",
+    "hyperspherical_energy",
+    "orthonormality",
+    "parse_power",
+    "projected_energy",
+    "soft_orthogonality",
+    "srip",
+    "srip_power_iteration",
+]

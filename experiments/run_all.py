@@ -1,0 +1,77 @@
+"""Regenerate every table and figure: projection guarantee, accuracy, energy figure, ablation.
+
+Usage::
+
+    python -m experiments.run_all --jobs 2            # the full digits sweep (refreshes docs/results.md)
+    python -m experiments.run_all --quick             # pipeline check, about a minute; never touches the docs
+    python -m experiments.run_all --cifar-root ~/data/cifar-10-batches-py --accelerator auto
+
+Every option except ``--archs`` (accuracy table only) is passed to each script; see their ``--help``.
+"""
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from experiments import ablation, accuracy, energy_figure, projection_guarantee
+from experiments.common import ARCHS, add_common_args, environment, resolve_setup, update_doc_block, write_text
+
+
+def _without(argv: Sequence[str], option: str) -> list[str]:
+    """``argv`` without ``option`` and its values."""
+    out: list[str] = []
+    skipping = False
+    for token in argv:
+        if token == option:
+            skipping = True
+            continue
+        if skipping and not token.startswith("--"):
+            continue
+        skipping = False
+        out.append(token)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the four experiments in order; returns their results by name."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="python -m experiments.run_all", description=__doc__.split("\n")[0])
+    add_common_args(parser)
+    parser.add_argument("--archs", nargs="+", choices=ARCHS, default=None, help="architectures of the accuracy table")
+    args = parser.parse_args(argv)
+    setup = resolve_setup(args, "experiments.run_all", argv, ())
+    common = _without(argv, "--archs")
+    start = time.perf_counter()
+    results: dict[str, Any] = {}
+    timings: dict[str, float] = {}
+    steps = [
+        ("projection_guarantee", projection_guarantee.main, common),
+        ("accuracy", accuracy.main, common + (["--archs", *args.archs] if args.archs else [])),
+        ("energy_figure", energy_figure.main, common),
+        ("ablation", ablation.main, common),
+    ]
+    for name, fn, script_argv in steps:
+        t0 = time.perf_counter()
+        print(f"==== {name} ====", flush=True)
+        results[name] = fn(script_argv)
+        timings[name] = time.perf_counter() - t0
+    total = time.perf_counter() - start
+    env = environment()
+    lines = "\n".join(f"| `experiments.{name}` | {sec / 60:.1f} |" for name, sec in timings.items())
+    text = (
+        f"Command: `{setup.command}`, {env['date']}, total {total / 60:.1f} min "
+        f"({setup.jobs} worker process(es) × {setup.threads} thread(s); {env['cpu']}, {env['cpu_count']} logical "
+        f"CPU(s); torch {env['torch']}, lightning {env['lightning']}, timm {env['timm']}).\n\n"
+        f"| script | minutes |\n|---|---|\n{lines}\n"
+    )
+    write_text(setup.out / "run_all.md", text)
+    if setup.doc is not None:
+        update_doc_block(setup.doc, "run_all", text)
+    print(text)
+    return results
+
+
+if __name__ == "__main__":
+    main()
