@@ -8,7 +8,8 @@ and the global RNG is never touched. Generators are created lazily on the device
 the GPU).
 
 * :class:`RandomProjection` (RP-CoMHE, algorithm §2): ``C`` Gaussian ``k × d`` matrices per neuron set, redrawn
-  every ``resample_every`` optimizer steps (the official code redraws at every step).
+  every ``resample_every`` optimizer steps (the official code redraws at every step); opt-in structured kinds
+  (``"sparse"``, ``"srht"``) cut the projection cost (see :mod:`lightning_comhe.functional.sketch`).
 * :class:`AngleProjection` (AP-CoMHE, §3): one learnable ``k × d`` matrix per set, fitted by plain SGD (decay
   ``5e-7``) to minimise the angle-preservation objective :math:`\|C(W P^\top) - C(W)\|_F`, optionally with the
   official one-step look-ahead :math:`\tilde P = P - \eta \nabla_P L`.
@@ -28,12 +29,24 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from lightning_comhe.functional import sketch
 from lightning_comhe.functional.angles import angle_objective
-from lightning_comhe.functional.energy import _compute_dtype, projected_energy
+from lightning_comhe.functional.energy import _compute_dtype, project_sets, projected_energy
 
-__all__ = ["AdversarialProjection", "AngleProjection", "Lookahead", "RandomProjection", "key_seed"]
+__all__ = [
+    "PROJECTION_KINDS",
+    "AdversarialProjection",
+    "AngleProjection",
+    "Lookahead",
+    "ProjectionKind",
+    "RandomProjection",
+    "key_seed",
+]
 
 Lookahead = Literal["none", "first", "second"]
+ProjectionKind = Literal["gaussian", "sparse", "srht"]
+#: The kinds of :class:`RandomProjection`: the official Gaussian, and two opt-in structured sketches.
+PROJECTION_KINDS: tuple[str, ...] = ("gaussian", "sparse", "srht")
 
 _MASK63 = (1 << 63) - 1
 _STATE_VERSION = 1
@@ -193,15 +206,29 @@ def _warn_config(owner: str, saved: dict, current: dict, fields: tuple[str, ...]
 
 
 class RandomProjection:
-    r"""Gaussian random projections of RP-CoMHE, redrawn every ``resample_every`` optimizer steps.
+    r"""Random projections of RP-CoMHE (Gaussian, or opt-in structured sketches), redrawn every few steps.
 
-    For each key it holds ``num`` matrices :math:`P_c \in \mathbb{R}^{k \times d}` (``k = dim``) per neuron set,
-    with i.i.d. :math:`\mathcal{N}(0, 1)` entries (no :math:`1/\sqrt{k}` factor: cosines are scale invariant). They
-    feed :func:`~lightning_comhe.functional.projected_energy`,
-    :math:`E^P(W) = \frac{1}{C}\sum_c E(W P_c^\top)`. By the Johnson–Lindenstrauss argument of the paper, for two
-    neurons with cosine :math:`c` and :math:`\epsilon \in (0, 1)`,
+    For each key it holds ``num`` matrices :math:`P_c \in \mathbb{R}^{k \times d}` (``k = dim``) per neuron set. With
+    ``kind="gaussian"`` (the official method, the default) their entries are i.i.d. :math:`\mathcal{N}(0, 1)` (no
+    :math:`1/\sqrt{k}` factor: cosines are scale invariant). They feed
+    :func:`~lightning_comhe.functional.projected_energy`, :math:`E^P(W) = \frac{1}{C}\sum_c E(W P_c^\top)`. By the
+    Johnson–Lindenstrauss argument of the paper, for two neurons with cosine :math:`c` and :math:`\epsilon \in (0, 1)`,
     :math:`\frac{c - \epsilon}{1 + \epsilon} \le \cos\theta(Pw_1, Pw_2) \le \frac{c + \epsilon}{1 - \epsilon}` with
     high probability (about :math:`(1 - 2e^{-k\epsilon^2/8})^2`).
+
+    The opt-in structured kinds cut the projection cost, which dominates RP-CoMHE (``2·N·d·C·k`` FLOPs per set each
+    way, plus ``C·k·d`` normal draws per set and step), while keeping the entries' mean 0 and variance 1:
+
+    * ``kind="sparse"``: very sparse sign matrices (Li, Hastie & Church 2006), entries :math:`\pm 1/\sqrt{\rho}` with
+      density :math:`\rho` (``density``, default :math:`1/\sqrt d`), applied as one sparse matmul per group: about
+      ``1/ρ`` times fewer FLOPs. Unbiased inner products; the JL bound holds for neurons whose mass is spread over
+      many coordinates (exactly, like the Gaussian, for :math:`\rho = 1/3`, Achlioptas 2003).
+    * ``kind="srht"``: the subsampled randomized Hadamard transform (Ailon & Chazelle 2009, Tropp 2011): random
+      signs, a fast Walsh–Hadamard transform over ``d`` padded to a power of two, ``C·k`` rows kept uniformly without
+      replacement. JL for every input, with a ``log d`` factor more rows than the Gaussian bound.
+
+    See :mod:`lightning_comhe.functional.sketch` for the guarantees. Structured projections are applied by
+    :meth:`project` (never materialised); :meth:`projections` returns their dense equivalent for inspection.
 
     Call :meth:`step` once per optimizer step, before :meth:`projections`. The draws become stale at the first call
     and then every ``resample_every`` calls (``(calls - 1) % resample_every == 0``); a stale key is redrawn lazily
@@ -214,9 +241,11 @@ class RandomProjection:
         num: ``C``, the number of projections per neuron set (official: 20).
         resample_every: Redraw every this many :meth:`step` calls.
         seed: Seed of the per-key generators.
+        kind: ``"gaussian"`` (official), ``"sparse"`` or ``"srht"``.
+        density: For ``kind="sparse"``: the fraction of nonzero entries, in ``(0, 1]``; ``None`` is ``1/sqrt(d)``.
 
     Raises:
-        ValueError: If an argument is not an int in its allowed range.
+        ValueError: If an argument is not in its allowed range.
 
     Example::
 
@@ -232,22 +261,52 @@ class RandomProjection:
         torch.Size([2])
         >>> rp.projections("layer1", num_sets=2, d=72, device=w.device) is p  # cached until the next resample
         True
+        >>> rp.project("layer1", w).shape  # (G, C, N, k): the projected neurons W P_cᵀ
+        torch.Size([2, 20, 16, 40])
+        >>> fast = RandomProjection(kind="sparse", seed=0)
+        >>> fast.step()
+        >>> fast.project("layer1", w).shape
+        torch.Size([2, 20, 16, 40])
     """
 
-    def __init__(self, dim: int = 40, num: int = 20, resample_every: int = 1, seed: int = 0) -> None:
+    def __init__(
+        self,
+        dim: int = 40,
+        num: int = 20,
+        resample_every: int = 1,
+        seed: int = 0,
+        kind: ProjectionKind = "gaussian",
+        density: float | None = None,
+    ) -> None:
         self.dim = _check_int("dim", dim, 1)
         self.num = _check_int("num", num, 1)
         self.resample_every = _check_int("resample_every", resample_every, 1)
         self.seed = _check_seed(seed)
+        if kind not in PROJECTION_KINDS:
+            raise ValueError(f"`kind` must be one of {', '.join(map(repr, PROJECTION_KINDS))}; got {kind!r}.")
+        self.kind: ProjectionKind = kind
+        if density is not None:
+            if kind != "sparse":
+                raise ValueError(
+                    f"`density` applies to kind='sparse' only; got density={density!r} with kind={kind!r}."
+                )
+            density = _check_float("density", density, positive=True)
+            if density > 1:
+                raise ValueError(f"`density` must be a float in (0, 1] or None; got {density!r}.")
+        self.density = density
         self._calls = 0
         self._gens = _KeyedGenerators(type(self).__name__)
         self._gens.seed = self.seed
-        self._cache: dict[str, tuple[int, Tensor]] = {}  # key -> (window, draw)
+        self._cache: dict[str, tuple[int, Any]] = {}  # key -> (window, draw): a Tensor (gaussian) or a dict
+        self._mats: dict[str, tuple[int, Any, torch.dtype, tuple[Tensor, Tensor]]] = {}  # sparse CSR, derived
 
     def __repr__(self) -> str:
+        extra = "" if self.kind == "gaussian" else f", kind={self.kind!r}"
+        if self.density is not None:
+            extra += f", density={self.density}"
         return (
             f"{type(self).__name__}(dim={self.dim}, num={self.num}, resample_every={self.resample_every}, "
-            f"seed={self.seed})"
+            f"seed={self.seed}{extra})"
         )
 
     @property
@@ -281,8 +340,10 @@ class RandomProjection:
             dtype: The returned dtype. Draws are made in float64 if ``dtype`` is float64, else in float32, and cast.
 
         Returns:
-            ``(num_sets, num, dim, d)`` standard Gaussian entries, without gradient. The tensor is the cached draw:
-            do not modify it in place. A cached draw of another shape (the group changed) is replaced by a fresh one.
+            ``(num_sets, num, dim, d)`` matrices, without gradient: standard Gaussian entries (the cached draw: do not
+            modify it in place), or for a structured ``kind`` their dense equivalent (materialised on each call, for
+            inspection: training uses :meth:`project`). A cached draw of another shape (the group changed) is
+            replaced by a fresh one.
 
         Raises:
             ValueError: For a bad ``key``, ``num_sets`` or ``d``.
@@ -291,6 +352,12 @@ class RandomProjection:
         num_sets = _check_int("num_sets", num_sets, 1)
         d = _check_int("d", d, 1)
         device = _normalize_device(device)
+        if self.kind != "gaussian":
+            draw_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+            eye = torch.eye(d, dtype=draw_dtype, device=device).expand(num_sets, d, d)
+            with torch.no_grad():
+                dense = self._apply(key, eye)  # (G, C, d, k) = (I P_cᵀ)
+            return dense.transpose(-1, -2).contiguous().to(dtype)
         shape = (num_sets, self.num, self.dim, d)
         window = self.window
         cached = self._cache.get(key)
@@ -306,25 +373,105 @@ class RandomProjection:
             self._cache[key] = (window, draw)
         return draw if draw.dtype == dtype else draw.to(dtype)
 
+    def project(self, key: str, neurons: Tensor) -> Tensor:
+        r"""Project neuron sets with the key's current projections: :math:`W_g P_{g,c}^\top` for every set and ``c``.
+
+        This is how the regularizer applies structured projections (without materialising them); for
+        ``kind="gaussian"`` it is one batched matmul with :meth:`projections`.
+
+        Args:
+            key: The neuron-set group.
+            neurons: ``(G, N, d)``, ``G`` sets of ``N`` neurons. Computed in float32 (float64 for float64 input) with
+                autocast disabled.
+
+        Returns:
+            ``(G, num, N, dim)``, differentiable with respect to ``neurons``.
+
+        Raises:
+            ValueError: For a bad ``key`` or ``neurons``.
+        """
+        _check_key(key)
+        _check_sets(neurons)
+        return self._apply(key, neurons)
+
+    def _apply(self, key: str, neurons: Tensor) -> Tensor:
+        dtype = _compute_dtype(neurons)
+        g, n, d = neurons.shape
+        device = _normalize_device(neurons.device)
+        with torch.autocast(device_type=neurons.device.type, enabled=False):
+            w = neurons.to(dtype)
+            if self.kind == "gaussian":
+                p = self.projections(key, g, d, device, dtype)
+                vt = project_sets(w, p.reshape(g, self.num * self.dim, d))  # (G, C·k, N)
+                return vt.reshape(g, self.num, self.dim, n).transpose(2, 3)
+            draw = self._structured_draw(key, g, d, device)
+            if self.kind == "srht":
+                return sketch.srht_project(w, draw["signs"], draw["index"], self.num, self.dim)
+            p, pt = self._sparse_mats(key, draw, dtype)
+            return sketch.sparse_project(w, p, pt, self.num, self.dim)
+
+    def _structured_draw(self, key: str, num_sets: int, d: int, device: torch.device) -> dict[str, Any]:
+        window = self.window
+        cached = self._cache.get(key)
+        if cached is not None and cached[0] == window and (cached[1]["num_sets"], cached[1]["d"]) == (num_sets, d):
+            draw = cached[1]
+            if draw["device"] != device:
+                draw = _draw_to(draw, device)
+                self._cache[key] = (window, draw)
+            return draw
+        gen = self._gens.get(key, device, salt=self._calls)
+        rows = self.num * self.dim
+        if self.kind == "srht":
+            parts = sketch.draw_srht(num_sets, rows, d, gen, device)
+            draw = {"num_sets": num_sets, "d": d, **parts}
+        else:
+            density = self.density if self.density is not None else sketch.default_density(d)
+            draw = {
+                "num_sets": num_sets,
+                "d": d,
+                "density": density,
+                **sketch.draw_sparse(num_sets, rows, d, density, gen, device),
+            }
+        draw["device"] = device
+        self._cache[key] = (window, draw)
+        return draw
+
+    def _sparse_mats(self, key: str, draw: dict[str, Any], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        cached = self._mats.get(key)
+        if cached is not None and cached[1] is draw and cached[2] == dtype:
+            return cached[3]
+        mats = sketch.sparse_matrices(
+            draw["pos"], draw["sign"], draw["num_sets"], self.num * self.dim, draw["d"], draw["density"], dtype
+        )
+        self._mats[key] = (self.window, draw, dtype, mats)
+        return mats
+
+    def _config(self) -> dict[str, Any]:
+        return {
+            "dim": self.dim,
+            "num": self.num,
+            "resample_every": self.resample_every,
+            "seed": self.seed,
+            "kind": self.kind,
+            "density": self.density,
+        }
+
     def state_dict(self) -> dict[str, Any]:
         """A picklable snapshot: config, step counter, per-key generator states and the current draws.
 
         Returns:
-            ``{"type", "version", "config", "calls", "entries"}``; tensors are clones on their current device.
+            ``{"type", "version", "config", "calls", "entries"}``; tensors are clones on their current device. A
+            structured draw is a dict of tensors (the sparse support and signs, or the SRHT signs and rows).
         """
         gens = self._gens.state_dict()
         entries: dict[str, dict[str, Any]] = {}
         for key in self.keys():
             window, draw = self._cache.get(key, (None, None))
-            entries[key] = {
-                "generator": gens.get(key),
-                "window": window,
-                "draw": None if draw is None else draw.detach().clone(),
-            }
+            entries[key] = {"generator": gens.get(key), "window": window, "draw": _draw_clone(draw)}
         return {
             "type": type(self).__name__,
             "version": _STATE_VERSION,
-            "config": {"dim": self.dim, "num": self.num, "resample_every": self.resample_every, "seed": self.seed},
+            "config": self._config(),
             "calls": self._calls,
             "entries": entries,
         }
@@ -334,31 +481,57 @@ class RandomProjection:
 
         Tensors may be on any device (e.g. CPU after ``torch.load(map_location="cpu")``); they are moved to the
         neurons' device at the next :meth:`projections` call. A generator saved on another device type cannot be
-        restored there: it is then re-seeded deterministically with a warning. A different ``seed`` or
-        ``resample_every`` in the snapshot only warns (the current configuration is kept).
+        restored there: it is then re-seeded deterministically with a warning. A different ``seed``,
+        ``resample_every`` or ``density`` in the snapshot only warns (the current configuration is kept; restored
+        sparse draws keep the density they were drawn with).
 
         Args:
             state_dict: A dict returned by :meth:`state_dict`.
 
         Raises:
-            ValueError: If it is not such a dict, or if it was saved with another ``dim`` or ``num``.
+            ValueError: If it is not such a dict, or if it was saved with another ``dim``, ``num`` or ``kind``.
         """
         state = _check_state(state_dict, type(self).__name__)
-        cfg = state["config"]
-        current = {"dim": self.dim, "num": self.num, "resample_every": self.resample_every, "seed": self.seed}
-        for f in ("dim", "num"):
+        cfg = dict(state["config"])
+        cfg.setdefault("kind", "gaussian")  # snapshots from before structured projections
+        current = self._config()
+        for f in ("dim", "num", "kind"):
             if cfg.get(f) != current[f]:
                 raise ValueError(
                     f"`state_dict` was saved with {f}={cfg.get(f)!r}, but this RandomProjection has {f}={current[f]!r}."
                 )
-        _warn_config(type(self).__name__, cfg, current, ("resample_every", "seed"))
+        _warn_config(type(self).__name__, cfg, current, ("resample_every", "seed", "density"))
         self._calls = _check_int("calls", state["calls"], 0)
         self._gens.load_state_dict({k: e["generator"] for k, e in state["entries"].items() if e.get("generator")})
         self._cache = {
-            k: (int(e["window"]), e["draw"].detach())
+            k: (int(e["window"]), _draw_loaded(e["draw"]))
             for k, e in state["entries"].items()
             if e.get("draw") is not None and e.get("window") is not None
         }
+        self._mats = {}
+
+
+def _draw_clone(draw: Any) -> Any:
+    if draw is None:
+        return None
+    if isinstance(draw, Tensor):
+        return draw.detach().clone()
+    return {k: (v.detach().clone() if isinstance(v, Tensor) else v) for k, v in draw.items() if k != "device"}
+
+
+def _draw_loaded(draw: Any) -> Any:
+    if isinstance(draw, Tensor):
+        return draw.detach()
+    out = dict(draw)
+    tensors = [v for v in out.values() if isinstance(v, Tensor)]
+    out["device"] = _normalize_device(tensors[0].device) if tensors else torch.device("cpu")
+    return out
+
+
+def _draw_to(draw: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    out = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in draw.items()}
+    out["device"] = device
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
