@@ -1,0 +1,113 @@
+"""Smoke test of the benchmark harness (``benchmarks/``) at tiny sizes: it runs and writes its files.
+
+It checks the harness, never the timings.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("matplotlib")
+pytest.importorskip("timm")
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = ["--quick", "--threads", "1"]
+
+
+def read(out: Path, name: str) -> dict:
+    for ext in ("json", "md", "png"):
+        assert (out / f"{name}.{ext}").is_file(), f"{name}.{ext} missing"
+        assert (out / f"{name}.{ext}").stat().st_size > 0
+    payload = json.loads((out / f"{name}.json").read_text())
+    assert payload["machine"]["torch"] and payload["machine"]["nproc"] >= 1
+    assert payload["command"].startswith(f"python -m benchmarks.{name.split('_c')[0]}")
+    return payload
+
+
+def test_kernel_benchmark(tmp_path):
+    from benchmarks import kernel
+
+    payload = kernel.run([*QUICK, "--out", str(tmp_path)])
+    read(tmp_path, "kernel")
+    assert {r["variant"] for r in payload["records"]} == {"random", "half_mhe"}
+    for r in payload["records"]:
+        assert r["speedup"] > 0 and r["value_rel_error"] < 1e-4 and r["grad_rel_error"] < 1e-3
+        assert len(r["naive"]["times_s"]) == len(r["library"]["times_s"]) == 2
+
+
+def test_floor_benchmark_with_profiles(tmp_path):
+    from benchmarks import common, floor
+
+    payload = floor.run([*QUICK, "--out", str(tmp_path), "--variants", "half_mhe", "random_sparse", "angle"])
+    read(tmp_path, "floor")
+    assert [r["variant"] for r in payload["records"]] == ["half_mhe", "random_sparse", "angle"]
+    for r in payload["records"]:
+        assert r["floor_s"] > 0 and r["flops"]["total"] == pytest.approx(
+            sum(r["flops"][k] for k in ("projection", "gram", "inner"))
+        )
+        if not r["met"]:  # at tiny sizes the floor is never met: the profile path runs
+            assert sum(r["profile"]["categories_pct"].values()) == pytest.approx(100, abs=1)
+    assert set(payload["shape_gflops"]) == set(floor.SHAPES)
+    assert set(common.VARIANTS) >= {"mhe", "half_mhe", "random", "angle", "adversarial"}
+
+
+def test_floor_flops_formula():
+    from benchmarks import common
+
+    model = common.create_model("tiny")
+    reg = common.make_regularizer(model, "random")
+    flops = common.floor_flops(reg)
+    # conv2 (48 × 72) is projected (k = 40, C = 20); conv1 (8 × 27, d <= k) half-space; fc (100 × 48) full space
+    proj = 4 * 48 * 72 * 40 * 20
+    gram = 4 * 48**2 * 40 * 20 + 4 * 8**2 * 27 + 4 * 100**2 * 48
+    assert flops["projection"] == proj and flops["gram"] == gram and flops["inner"] == 0
+
+
+def test_overhead_benchmark_with_lightning(tmp_path):
+    from benchmarks import overhead
+
+    payload = overhead.run([*QUICK, "--out", str(tmp_path), "--variants", "random", "random_sparse", "--no-profile"])
+    read(tmp_path, "overhead")
+    assert [r["variant"] for r in payload["records"]] == ["random", "random_sparse"]
+    for r in payload["records"]:
+        assert r["ratio"] > 0 and r["floor_ratio"] >= 1
+    if payload["lightning"]:  # the Lightning callback is importable: the Trainer path ran for the Gaussian variant
+        assert set(payload["lightning"]["tiny"]["step_s"]) == {"plain", "random"}
+
+
+def test_scale_and_memory_benchmarks_spawn_fresh_processes(tmp_path):
+    from benchmarks import memory, scale
+
+    payload = scale.run([*QUICK, "--out", str(tmp_path), "--sizes", "32", "64", "--autograd-max", "32"])
+    read(tmp_path, "scale")
+    assert [(r["backend"], r["n"]) for r in payload["records"]] == [("fused", 32), ("fused", 64), ("autograd", 32)]
+    assert all("error" not in r and r["weight_grad_bytes"] == r["n"] * 256 * 4 for r in payload["records"])
+    payload = memory.run([*QUICK, "--out", str(tmp_path), "--variants", "random"])
+    read(tmp_path, "memory")
+    assert [r["variant"] for r in payload["records"]] == ["plain", "random"]
+    assert all(r["peak_rss_bytes"] > 0 for r in payload["records"])
+
+
+def test_report_and_gpu_script(tmp_path):
+    from benchmarks import gpu, report
+
+    out = gpu.run(["--device", "cpu", "--quick", "--threads", "1", "--skip-benchmarks", "--out", str(tmp_path)])
+    assert all(check["ok"] for check in out["checks"].values()), out["checks"]
+    assert (tmp_path / "gpu_summary.json").is_file()
+    # the report renders from whatever results exist (none here: every section says so)
+    doc = report.run(["--results", str(tmp_path), "--doc", str(tmp_path / "benchmarks.md")])
+    text = doc.read_text()
+    assert "## Targets" in text and "not run" in text
+
+
+def test_run_all_is_one_command(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "benchmarks.run_all", *QUICK, "--out", str(tmp_path), "--doc", str(tmp_path / "b.md")]
+    cmd += ["--skip", "kernel", "overhead", "scale", "scale_c20", "memory"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "floor.json").is_file() and "Closeness to the GEMM floor" in (tmp_path / "b.md").read_text()
