@@ -5,6 +5,7 @@
 * ``overhead``: training-step time with each variant vs without (plain PyTorch loop, and Lightning when available).
 * ``scale``: time and peak memory of one set of N neurons, N = 256 … 65,536 (a fresh process per size).
 * ``memory``: peak memory of training with each variant vs without (a fresh process per configuration).
+* ``compiled``: the eager fused kernel vs its ``torch.compile`` path.
 * ``gpu``: the prepared device check (CUDA correctness vs CPU, bf16, batch 256); ``run_all`` runs everything and
   regenerates ``docs/benchmarks.md``.
 

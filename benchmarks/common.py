@@ -260,8 +260,11 @@ def penalty_step(reg, lr: float = 0.1) -> Callable[[], None]:
 # profiles
 # ----------------------------------------------------------------------------------------------------------------
 _CATEGORIES = (
-    ("Gram / gradient matmuls (bmm)", ("aten::bmm", "aten::baddbmm")),
-    ("projection matmuls (mm / addmm / matmul)", ("aten::mm", "aten::addmm", "aten::matmul", "aten::linear")),
+    ("dense matmuls (bmm: projections, Grams, gradient tiles)", ("aten::bmm", "aten::baddbmm")),
+    (
+        "other matmuls (mm / addmm: sparse CSR projections, Hadamard blocks)",
+        ("aten::mm", "aten::addmm", "aten::matmul"),
+    ),
     ("random draws", ("aten::normal_", "aten::randn", "aten::random_", "aten::geometric_", "aten::uniform_")),
     ("copies / layout (copy_, cat, clone)", ("aten::copy_", "aten::cat", "aten::clone", "aten::contiguous")),
 )

@@ -1,6 +1,6 @@
 """Run every benchmark and regenerate ``docs/benchmarks.md``.
 
-python -m benchmarks.run_all                       # CPU, all benchmarks (about an hour on 2 cores)
+python -m benchmarks.run_all                       # CPU, all benchmarks (about 30 minutes with 1 thread)
 python -m benchmarks.run_all --threads 1 --skip kernel
 python -m benchmarks.run_all --quick --out /tmp/b --doc /tmp/b/benchmarks.md   # the smoke test
 """
@@ -9,9 +9,9 @@ import argparse
 import time
 from collections.abc import Sequence
 
-from benchmarks import common, floor, kernel, memory, overhead, report, scale
+from benchmarks import common, compiled, floor, kernel, memory, overhead, report, scale
 
-BENCHMARKS = ("kernel", "floor", "overhead", "scale", "scale_c20", "memory")
+BENCHMARKS = ("kernel", "floor", "overhead", "scale", "scale_c20", "memory", "compiled")
 
 
 def run(argv: Sequence[str] | None = None) -> dict[str, float]:
@@ -37,6 +37,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, float]:
             + ([] if args.quick else ["--sizes", "65536", "--autograd-max", "0"]),
         ),
         "memory": (memory.run, []),
+        "compiled": (compiled.run, []),
     }
     durations = {}
     for name, (fn, extra) in jobs.items():

@@ -2,10 +2,10 @@
 
 Each size runs in a fresh process, so the peak resident set size (``VmHWM``, reset just before the run; on CUDA the
 peak allocated memory) can be attributed: the child allocates the weights ``W`` (N × d) and the projections, warms up
-on a small set, then records the RSS before and the peak during one forward + backward of :func:`~lightning_comhe.functional.projected_energy`
-(half-space, C projections). "Extra" memory is that difference; the weight gradient (N·d·4 bytes, which any training
-step holds) is reported separately. The plain-autograd backend (N×N intermediates) is run up to ``--autograd-max``
-for comparison. Target: N = 65,536 in under 1 GiB of extra memory.
+on a small set, then records the RSS before and the peak during one forward + backward of
+:func:`~lightning_comhe.functional.projected_energy` (half-space, C projections). "Extra" memory is that difference;
+the weight gradient (N·d·4 bytes, which any training step holds) is reported separately. The plain-autograd backend
+(N×N intermediates) is run up to ``--autograd-max`` for comparison. Target: N = 65,536 in under 1 GiB of extra memory.
 
     python -m benchmarks.scale                           # C = 1
     python -m benchmarks.scale --num-projections 20 --sizes 65536

@@ -190,6 +190,9 @@ class CoMHE(Callback):
             - ``"skip"``: leave them out.
         std_conv: For timm's weight-standardized convs, regularize the ``"raw"`` stored weight or the
             ``"standardized"`` one the forward pass uses.
+        projection_kind: Random projections of ``variant="random"``: ``"gaussian"`` (official, dense N(0, 1)),
+            ``"sparse"`` (very sparse signs, density 1/sqrt(d)) or ``"srht"`` (subsampled randomized Hadamard
+            transform). The structured kinds cut the projection cost; see docs/benchmarks.md for the guarantees.
         seed: Seed of the projections' own random generators (the global RNG is never touched).
         log_every: Log the per-layer energies every this many optimizer steps (``comhe/penalty`` is logged every
             step).
@@ -241,6 +244,7 @@ class CoMHE(Callback):
         head: str | None = "auto",
         grouped: Literal["per_group", "skip"] = "per_group",
         std_conv: Literal["raw", "standardized"] = "raw",
+        projection_kind: Literal["gaussian", "sparse", "srht"] = "gaussian",
         seed: int = 0,
         log_every: int = 50,
         name: str | None = None,
@@ -253,6 +257,11 @@ class CoMHE(Callback):
         _check_choice("lookahead", lookahead, _LOOKAHEADS)
         _check_choice("grouped", grouped, _GROUPED)
         _check_choice("std_conv", std_conv, _STD_CONV)
+        _check_choice("projection_kind", projection_kind, ("gaussian", "sparse", "srht"))
+        if projection_kind != "gaussian" and variant != "random":
+            raise MisconfigurationException(
+                f"`CoMHE(projection_kind={projection_kind!r})` needs variant='random', got variant={variant!r}."
+            )
         _check_float("weight", weight, strict=False)
         _check_float("head_weight", head_weight, strict=False)
         _check_float("inner_lr", inner_lr, strict=True)
@@ -306,6 +315,7 @@ class CoMHE(Callback):
         self.head = head
         self.grouped = grouped
         self.std_conv = std_conv
+        self.projection_kind = projection_kind
         self.seed = seed
         self.log_every = log_every
         self.name = name
@@ -361,6 +371,7 @@ class CoMHE(Callback):
             "head": self.head,
             "grouped": self.grouped,
             "std_conv": self.std_conv,
+            "projection_kind": self.projection_kind,
             "seed": self.seed,
             "ortho_normalize": self.ortho_normalize,
             "srip_iterations": self.srip_iterations,

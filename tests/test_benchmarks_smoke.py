@@ -104,10 +104,18 @@ def test_report_and_gpu_script(tmp_path):
     assert "## Targets" in text and "not run" in text
 
 
+def test_compiled_benchmark(tmp_path):
+    from benchmarks import compiled
+
+    payload = compiled.run([*QUICK, "--out", str(tmp_path)])
+    read(tmp_path, "compiled")
+    assert len(payload["records"]) == 4 and all(r["speedup"] > 0 for r in payload["records"])
+
+
 def test_run_all_is_one_command(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "benchmarks.run_all", *QUICK, "--out", str(tmp_path), "--doc", str(tmp_path / "b.md")]
-    cmd += ["--skip", "kernel", "overhead", "scale", "scale_c20", "memory"]
+    cmd += ["--skip", "kernel", "overhead", "scale", "scale_c20", "memory", "compiled"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "floor.json").is_file() and "Closeness to the GEMM floor" in (tmp_path / "b.md").read_text()

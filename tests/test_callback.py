@@ -337,6 +337,14 @@ def test_resume_without_callback_state_differs(tmp_path: Path) -> None:
     assert max_abs_diff(resumed, straight) > 0
 
 
+def test_projection_kind_needs_the_random_variant() -> None:
+    assert CoMHE(variant="random", projection_kind="srht").regularizer_kwargs()["projection_kind"] == "srht"
+    with pytest.raises(MisconfigurationException, match="projection_kind"):
+        CoMHE(variant="angle", projection_kind="sparse")
+    with pytest.raises(MisconfigurationException, match="projection_kind"):
+        CoMHE(variant="random", projection_kind="dense")
+
+
 def test_every_argument_reaches_the_regularizer() -> None:
     """Each CoMHE argument (but the callback's own ``log_every``/``name``) is forwarded to CoMHERegularizer."""
     values = {
@@ -356,6 +364,7 @@ def test_every_argument_reaches_the_regularizer() -> None:
         "head": "net.4",
         "grouped": "skip",
         "std_conv": "standardized",
+        "projection_kind": "gaussian",
         "seed": 11,
         "ortho_normalize": True,
         "srip_iterations": 2,

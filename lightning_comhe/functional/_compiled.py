@@ -80,6 +80,21 @@ def _tile_fns(s: float, angular: bool, half_space: bool, eps: float) -> tuple[Ca
     return tile_sum, tile_sum_and_grad
 
 
+#: Recompilations allowed per tile function: tiles specialise on edge cases (first row block, a single set, ...) and a
+#: model has several set shapes, which exceeds Dynamo's default of 8.
+_RECOMPILE_LIMIT = 64
+
+
+def _raise_recompile_limit() -> None:
+    """Raise Dynamo's per-function recompile limit to ``_RECOMPILE_LIMIT`` (never lowers it)."""
+    import torch._dynamo
+
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(cfg, name) and getattr(cfg, name) < _RECOMPILE_LIMIT:
+            setattr(cfg, name, _RECOMPILE_LIMIT)
+
+
 def compiled_tile_fns(s: float, angular: bool, half_space: bool, eps: float) -> tuple[Callable, Callable] | None:
     """The compiled ``(tile_sum, tile_sum_and_grad)`` of one energy variant, or ``None`` if compilation is unavailable.
 
@@ -90,6 +105,7 @@ def compiled_tile_fns(s: float, angular: bool, half_space: bool, eps: float) -> 
     key = (float(s), bool(angular), bool(half_space), float(eps))
     if key not in _CACHE:
         try:
+            _raise_recompile_limit()
             fwd, bwd = _tile_fns(*key)
             _CACHE[key] = (
                 torch.compile(fwd, dynamic=True, fullgraph=True),
