@@ -34,20 +34,15 @@ from experiments.common import (
     Setup,
     add_common_args,
     build_model,
-    doc_figure,
     environment,
-    environment_markdown,
     fmt_mean_std,
     load_splits,
     mean_std,
     print_progress,
+    publish,
     resolve_setup,
     run,
     run_many,
-    setup_markdown,
-    update_doc_block,
-    write_json,
-    write_text,
 )
 
 DEFAULT_SEEDS = (0, 1, 2)
@@ -242,22 +237,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "runs": runs,
     }
     stem = f"ablation_{setup.data.kind}"
-    write_json(setup.out / f"{stem}.json", results)
-    png = setup.out / f"{stem}.png"
-    plot(results, png)
-    text = tables(results)
-
-    def body(link: str) -> str:
-        return (
-            f"{setup_markdown(setup)} Default κ (hidden 1, classifier 10); layers with d ≤ k run unprojected "
-            f"half-space MHE.\n\n{text}\n![ablation]({link})\n\n"
-            f"{environment_markdown(results['environment'], setup.command, seconds, setup.threads, setup.jobs)}\n"
-        )
-
-    write_text(setup.out / f"{stem}.md", body(png.name))
-    if setup.doc is not None:
-        update_doc_block(setup.doc, stem, body(doc_figure(png, setup.doc)))
-    print(text)
+    intro = "Default κ (hidden 1, classifier 10); layers with d ≤ k run unprojected half-space MHE."
+    publish(setup, stem, results, plot, intro, tables(results), seconds, "ablation")
     return results
 
 

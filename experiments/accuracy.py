@@ -34,18 +34,13 @@ from experiments.common import (
     Setup,
     add_common_args,
     default_kappas,
-    doc_figure,
     environment,
-    environment_markdown,
     fmt_mean_std,
     mean_std,
     print_progress,
+    publish,
     resolve_setup,
     run_many,
-    setup_markdown,
-    update_doc_block,
-    write_json,
-    write_text,
 )
 
 DEFAULT_SEEDS = tuple(range(10))
@@ -225,26 +220,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     }
     results["setup"] = {"data": asdict(setup.data), "train": asdict(setup.train), "jobs": setup.jobs}
     stem = f"accuracy_{setup.data.kind}"
-    write_json(setup.out / f"{stem}.json", results)
-    png = setup.out / f"{stem}.png"
-    plot(results, png)
     tuning = (
         f"κ tuned on the validation split over multipliers {grid} with seeds {tune_seeds}."
         if len(grid) > 1 and tune_seeds
         else f"No κ tuning (multiplier {grid[0] if len(grid) == 1 else 1.0})."
     )
-
-    def body(link: str) -> str:
-        return (
-            f"{setup_markdown(setup)} {tuning}\n\n{tables(results)}\n"
-            f"![accuracy]({link})\n\n"
-            f"{environment_markdown(results['environment'], setup.command, seconds, setup.threads, setup.jobs)}\n"
-        )
-
-    write_text(setup.out / f"{stem}.md", body(png.name))
-    if setup.doc is not None:
-        update_doc_block(setup.doc, stem, body(doc_figure(png, setup.doc)))
-    print(tables(results))
+    publish(setup, stem, results, plot, tuning, tables(results), seconds, "accuracy")
     return results
 
 

@@ -721,3 +721,28 @@ def setup_markdown(setup: Setup) -> str:
         f"SGD (momentum {t.momentum}, weight decay {t.weight_decay}) with learning rate {t.lr} and a per-step cosine "
         f"decay to 0, base width {t.width}; the final weights are evaluated (no early stopping)."
     )
+
+
+def publish(
+    setup: Setup,
+    stem: str,
+    results: dict[str, Any],
+    plot_fn: Callable[[dict[str, Any], Path], None],
+    intro: str,
+    text: str,
+    seconds: float,
+    alt: str,
+) -> None:
+    """Write ``<stem>.{json,png,md}`` under ``setup.out``, refresh the ``docs/results.md`` block, print ``text``."""
+    write_json(setup.out / f"{stem}.json", results)
+    png = setup.out / f"{stem}.png"
+    plot_fn(results, png)
+    env = environment_markdown(results["environment"], setup.command, seconds, setup.threads, setup.jobs)
+
+    def body(link: str) -> str:
+        return f"{setup_markdown(setup)} {intro}\n\n{text}\n![{alt}]({link})\n\n{env}\n"
+
+    write_text(setup.out / f"{stem}.md", body(png.name))
+    if setup.doc is not None:
+        update_doc_block(setup.doc, stem, body(doc_figure(png, setup.doc)))
+    print(text)

@@ -26,17 +26,12 @@ from experiments.common import (
     ROW_LABELS,
     RunSpec,
     add_common_args,
-    doc_figure,
     environment,
-    environment_markdown,
     mean_std,
     print_progress,
+    publish,
     resolve_setup,
     run_many,
-    setup_markdown,
-    update_doc_block,
-    write_json,
-    write_text,
 )
 
 DEFAULT_SEEDS = (0, 1, 2)
@@ -232,22 +227,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "runs": runs,
     }
     stem = f"energy_{setup.data.kind}" + (f"_{args.tag}" if args.tag else "")
-    write_json(setup.out / f"{stem}.json", results)
-    png = setup.out / f"{stem}.png"
-    plot(results, png)
-    text = summary(results)
-
-    def body(link: str) -> str:
-        return (
-            f"{setup_markdown(setup)} Architecture: {ARCH_LABELS[args.arch]}; default κ (hidden 1, classifier 10); "
-            f"energy recorded every {every} steps.\n\n{text}\n![energy]({link})\n\n"
-            f"{environment_markdown(results['environment'], setup.command, seconds, setup.threads, setup.jobs)}\n"
-        )
-
-    write_text(setup.out / f"{stem}.md", body(png.name))
-    if setup.doc is not None:
-        update_doc_block(setup.doc, stem, body(doc_figure(png, setup.doc)))
-    print(text)
+    intro = (
+        f"Architecture: {ARCH_LABELS[args.arch]}; default κ (hidden 1, classifier 10); "
+        f"energy recorded every {every} steps."
+    )
+    publish(setup, stem, results, plot, intro, summary(results), seconds, "energy")
     return results
 
 
