@@ -88,6 +88,20 @@ def _check_regexes(arg: str, value: Any) -> None:
             ) from err
 
 
+def _optimizer_step_index(trainer: "pl.Trainer") -> int:
+    """The number of optimizer steps taken so far: constant within an accumulation window.
+
+    ``trainer.global_step`` in general. A strategy that handles gradient accumulation itself (DeepSpeed) gets an
+    optimizer-step call on every micro-batch, so ``global_step`` no longer counts real steps; its engine's own
+    counter (``global_steps``, advanced only at the engine's accumulation boundaries) is used instead.
+    """
+    if trainer.strategy.handles_gradient_accumulation:
+        steps = getattr(trainer.strategy.model, "global_steps", None)
+        if isinstance(steps, int):
+            return steps
+    return trainer.global_step
+
+
 class CoMHE(Callback):
     r"""Regularize a LightningModule's neurons towards minimum hyperspherical energy (MHE / CoMHE).
 
@@ -129,10 +143,12 @@ class CoMHE(Callback):
 
     Strategies: single device, DDP (also multi-node; every rank computes the same penalty from the same weights and
     projections), FSDP2 through :class:`~lightning.pytorch.strategies.ModelParallelStrategy` (DTensor weights are
-    gathered with ``full_tensor()``, a collective every rank runs in the same order). DeepSpeed ZeRO-1/2 is not
-    tested here; with ``accumulate_grad_batches > 1`` Lightning runs DeepSpeed's optimizer step (and advances
-    ``global_step``) on every micro-batch while the engine divides each micro-batch's loss by the accumulation
-    steps, so the penalty still counts once per real step, but projections are refreshed per micro-batch. FSDP v1
+    gathered with ``full_tensor()``, a collective every rank runs in the same order), DeepSpeed ZeRO-1/2 (the
+    weights are whole on every rank; the engine's fp16 scaler scales the penalty with the loss). Under DeepSpeed with
+    ``accumulate_grad_batches = A > 1`` the engine decides the optimizer steps (its windows of ``A`` micro-batches run
+    across epoch ends): the callback refreshes and adds the penalty once per engine step (its ``global_steps``
+    counter), and DeepSpeed divides it by ``A`` like the task loss, which Lightning has already divided by ``A``
+    too, so the penalty keeps its weight relative to the task. FSDP v1
     (``FSDPStrategy``) and DeepSpeed ZeRO-3 are refused at ``setup`` with an actionable error: inside their backward
     pass the weights are flat shards or empty placeholders. ``torch.compile``\ d submodules work (their layers are
     named ``..._orig_mod...``), and so does ``trainer.fit(torch.compile(module))``.
@@ -521,7 +537,7 @@ class CoMHE(Callback):
             self._build(pl_module)
         regularizer = self._regularizer
         assert regularizer is not None
-        step = trainer.global_step
+        step = _optimizer_step_index(trainer)
         if step != self._last_refresh_step:
             regularizer.refresh(self._current_lr(trainer))
             self._last_refresh_step = step

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from lightning_comhe.functional import sketch
+from lightning_comhe.functional._device import autocast_off
 from lightning_comhe.functional.angles import angle_objective
 from lightning_comhe.functional.energy import _compute_dtype, project_sets, projected_energy
 
@@ -40,6 +41,7 @@ __all__ = [
     "Lookahead",
     "ProjectionKind",
     "RandomProjection",
+    "generator_device",
     "key_seed",
 ]
 
@@ -144,8 +146,48 @@ def _normalize_device(device: torch.device | str) -> torch.device:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+# Device types on which ``torch.Generator(device=...)`` failed (e.g. XLA without generator support, meta); their
+# keys use a CPU generator whose draws are moved to the device (see :func:`generator_device`).
+_HOST_GENERATOR_TYPES: set[str] = {"meta"}
+
+
+_SPARSE_DEVICE_TYPES = ("cpu", "cuda")
+
+
+def generator_device(device: torch.device | str) -> torch.device:
+    """The device a key's generator lives on for neurons on ``device``.
+
+    The neurons' own device when ``torch.Generator`` supports it (CPU, CUDA, MPS, XPU, ...), else the CPU: for
+    device types without a device generator (e.g. XLA builds without one) the values are drawn on the CPU from the
+    same seeded stream and moved to the device, so they are identical to a CPU run's draws.
+
+    Example::
+
+        >>> generator_device("cpu"), generator_device("meta")
+        (device(type='cpu'), device(type='cpu'))
+    """
+    device = _normalize_device(device)
+    if device.type == "cpu" or device.type in _HOST_GENERATOR_TYPES:
+        return torch.device("cpu")
+    try:
+        torch.Generator(device=device)
+    except RuntimeError:
+        _HOST_GENERATOR_TYPES.add(device.type)
+        return torch.device("cpu")
+    return device
+
+
+def _randn(shape: tuple[int, ...], generator: torch.Generator, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """Standard normal draws from ``generator`` (on its own device), placed on ``device``."""
+    return torch.randn(shape, generator=generator, device=generator.device, dtype=dtype).to(device)
+
+
 class _KeyedGenerators:
-    """Per-key ``torch.Generator`` objects with lazily restored (possibly device-foreign) states."""
+    """Per-key ``torch.Generator`` objects with lazily restored (possibly device-foreign) states.
+
+    A key's generator lives on :func:`generator_device` of the neurons' device (the device itself, or the CPU where
+    the device type has no generator).
+    """
 
     def __init__(self, owner: str) -> None:
         self.owner = owner
@@ -154,7 +196,7 @@ class _KeyedGenerators:
         self.pending: dict[str, tuple[str, Tensor]] = {}  # key -> (device type, state), from load_state_dict
 
     def get(self, key: str, device: torch.device, salt: int = 0) -> torch.Generator:
-        device = _normalize_device(device)
+        device = generator_device(device)
         gen = self.gens.get(key)
         if gen is not None and gen.device == device:
             return gen
@@ -222,7 +264,8 @@ class RandomProjection:
     * ``kind="sparse"``: very sparse sign matrices (Li, Hastie & Church 2006), entries :math:`\pm 1/\sqrt{\rho}` with
       density :math:`\rho` (``density``, default :math:`1/\sqrt d`), applied as one sparse matmul per group: about
       ``1/ρ`` times fewer FLOPs. Unbiased inner products; the JL bound holds for neurons whose mass is spread over
-      many coordinates (exactly, like the Gaussian, for :math:`\rho = 1/3`, Achlioptas 2003).
+      many coordinates (exactly, like the Gaussian, for :math:`\rho = 1/3`, Achlioptas 2003). CPU and CUDA only
+      (sparse CSR matmuls; other devices get a ``ValueError``).
     * ``kind="srht"``: the subsampled randomized Hadamard transform (Ailon & Chazelle 2009, Tropp 2011): random
       signs, a fast Walsh–Hadamard transform over ``d`` padded to a power of two, ``C·k`` rows kept uniformly without
       replacement. JL for every input, with a ``log d`` factor more rows than the Gaussian bound.
@@ -369,7 +412,7 @@ class RandomProjection:
         else:
             gen = self._gens.get(key, device, salt=self._calls)
             draw_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-            draw = torch.randn(shape, generator=gen, device=device, dtype=draw_dtype)
+            draw = _randn(shape, gen, device, draw_dtype)
             self._cache[key] = (window, draw)
         return draw if draw.dtype == dtype else draw.to(dtype)
 
@@ -398,7 +441,12 @@ class RandomProjection:
         dtype = _compute_dtype(neurons)
         g, n, d = neurons.shape
         device = _normalize_device(neurons.device)
-        with torch.autocast(device_type=neurons.device.type, enabled=False):
+        if self.kind == "sparse" and device.type not in _SPARSE_DEVICE_TYPES:
+            raise ValueError(
+                f"RandomProjection(kind='sparse') needs neurons on one of {_SPARSE_DEVICE_TYPES} (it uses sparse CSR "
+                f"matmuls); got neurons on {device.type!r}. Use kind='gaussian' or kind='srht' there."
+            )
+        with autocast_off(neurons.device):
             w = neurons.to(dtype)
             if self.kind == "gaussian":
                 p = self.projections(key, g, d, device, dtype)
@@ -605,7 +653,7 @@ class _LearnedProjection:
             self._params[key], self._optims[key] = p, opt
         elif p is None:
             gen = self._gens.get(key, device)
-            init = torch.randn((g, self.dim, d), generator=gen, device=device, dtype=_compute_dtype(neurons))
+            init = _randn((g, self.dim, d), gen, device, _compute_dtype(neurons))
             p = init.requires_grad_(True)
             self._params[key], self._optims[key] = p, self._new_optimizer(p)
         elif p.device != device:  # the neurons moved (e.g. CPU sanity check, then GPU): move P and its optimizer

@@ -207,3 +207,54 @@ def reference_fit_data_parallel(
                 break
         epoch += 1
     return model, penalties
+
+
+def reference_fit_deepspeed(
+    model: TinyMLP,
+    dataset: TensorDataset,
+    *,
+    world_size: int,
+    batch_size: int,
+    micro_batches: int,
+    penalty_fn: PenaltyFn | None,
+    accumulate: int = 1,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[TinyMLP, list[Tensor]]:
+    """What Lightning + DeepSpeed (ZeRO-1/2) compute, in one process; returns the model and the penalties.
+
+    DeepSpeed, not Lightning, decides the optimizer steps: every ``accumulate`` consecutive micro-batches of a rank's
+    stream form a window, **across epoch ends** (the stream is the ranks' ``DistributedSampler`` batches, epoch after
+    epoch, cut after ``micro_batches``; a trailing incomplete window never steps). Lightning divides each task loss
+    by ``accumulate`` and the engine divides every backward by ``accumulate`` again. The callback adds the penalty
+    once per window (first micro-batch), so it is divided by ``accumulate`` once. The step's gradient is the mean
+    over ranks: ``mean_r sum_i task_ri / A**2 + grad(penalty) / A``.
+    """
+    streams: list[list[Batch]] = [[] for _ in range(world_size)]
+    epoch = 0
+    while len(streams[0]) < micro_batches:
+        for stream, batches in zip(streams, epoch_batches(dataset, world_size, epoch, batch_size), strict=True):
+            stream.extend(batches)
+        epoch += 1
+    opt = model.configure_optimizers()
+    params = [p for p in model.parameters() if p.requires_grad]
+    penalties: list[Tensor] = []
+    for step in range(micro_batches // accumulate):
+        window = range(step * accumulate, (step + 1) * accumulate)
+        total = [torch.zeros_like(p) for p in params]
+        if penalty_fn is not None:
+            penalty = penalty_fn(step, opt.param_groups[0]["lr"])
+            penalties.append(penalty.detach().clone())
+            pen_grads = torch.autograd.grad(penalty / accumulate, params, allow_unused=True)
+            for t, g in zip(total, pen_grads, strict=True):
+                if g is not None:
+                    t.add_(g, alpha=world_size)  # every rank adds it
+        for stream in streams:
+            for i in window:
+                x, y = stream[i]
+                loss = model.task_loss((x.to(dtype), y.to(dtype))) / accumulate**2
+                for t, g in zip(total, torch.autograd.grad(loss, params), strict=True):
+                    t.add_(g)
+        for p, t in zip(params, total, strict=True):
+            p.grad = t / world_size
+        opt.step()
+    return model, penalties

@@ -24,6 +24,7 @@ from tests.dist_helpers import (
     free_port,
     python_script,
     reference_fit_data_parallel,
+    reference_fit_deepspeed,
     run_processes,
 )
 from tests.helpers import TinyMLP, assert_nested_equal, clone_model, make_dataset, regularizer_penalty
@@ -75,19 +76,28 @@ FSDP2_CONFIGS = [
 ]
 
 
-def _launch(mode: str, configs: list[dict], out: Path, *, by_hand: bool) -> dict[str, list[dict[str, Any]]]:
+DEEPSPEED_CONFIGS = [
+    {**_config("zero1_random", "random"), "stage": 1},
+    {**_config("zero2_angle", "angle"), "stage": 2},
+    {**_config("zero2_adversarial_acc2", "adversarial", accumulate=2, batch_size=3, max_steps=4), "stage": 2},
+]
+
+
+def _launch(mode: str, configs: list[dict], out: Path, *, by_hand: bool, **env: str) -> dict[str, list[dict[str, Any]]]:
     """Run the worker; return, per config name, the per-rank results (ordered by global rank)."""
     args = ["--mode", mode, "--out", str(out), "--configs", json.dumps(configs)]
     for _attempt in range(3):  # a free port can be taken by another process before the workers bind it: retry
         port = str(free_port())
         if by_hand:  # one process per "node", started here
             envs = [
-                base_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, NODE_RANK=str(r), WORLD_SIZE="2", LOCAL_RANK="0")
+                base_env(
+                    MASTER_ADDR="127.0.0.1", MASTER_PORT=port, NODE_RANK=str(r), WORLD_SIZE="2", LOCAL_RANK="0", **env
+                )
                 for r in range(2)
             ]
             commands = [python_script("dist_worker.py", *args)] * 2
         else:  # Lightning's launcher starts local rank 1 itself
-            envs = [base_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)]
+            envs = [base_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **env)]
             commands = [python_script("dist_worker.py", *args)]
         finished = run_processes(commands, envs, timeout=TIMEOUT)
         if not any(f.returncode != 0 and "address already in use" in f.output.lower() for f in finished):
@@ -118,7 +128,9 @@ def fsdp2_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[di
     return _launch("fsdp2", FSDP2_CONFIGS, tmp_path_factory.mktemp("fsdp2"), by_hand=False)
 
 
-def _check(results: list[dict[str, Any]], config: dict) -> None:
+def _check(
+    results: list[dict[str, Any]], config: dict, dtype: torch.dtype = torch.float64, atol: float = 1e-12, rtol=1e-10
+) -> None:
     r0, r1 = results
     # 1. a real 2-process run that went the whole way
     assert [r["global_rank"] for r in results] == [0, 1]
@@ -127,7 +139,7 @@ def _check(results: list[dict[str, Any]], config: dict) -> None:
     # 2. replicas bit-identical
     assert r0["weights"].keys() == r1["weights"].keys()
     for k in r0["weights"]:
-        assert r0["weights"][k].dtype == torch.float64
+        assert r0["weights"][k].dtype == dtype
         assert torch.equal(r0["weights"][k], r1["weights"][k]), f"ranks differ on {k}"
     assert_nested_equal(r0["callback_state"], r1["callback_state"])
     assert torch.equal(r0["penalty"], r1["penalty"])
@@ -147,13 +159,14 @@ def _check(results: list[dict[str, Any]], config: dict) -> None:
     assert not seen[1]
 
     # 4. the single-process data-parallel reference, and the penalty mattered
-    model = TinyMLP(momentum=0.9).double()
+    model = TinyMLP(momentum=0.9).to(dtype)  # same dtype as the run: random draws differ between float32 and 64
     ref, plain = clone_model(model), clone_model(model)
     common = {
         "world_size": WORLD_SIZE,
         "batch_size": config["batch_size"],
         "max_steps": config["max_steps"],
         "accumulate": config["accumulate"],
+        "dtype": dtype,
     }
     penalty = regularizer_penalty(CoMHERegularizer(ref, **config["comhe"]))
     _, penalties = reference_fit_data_parallel(ref, dataset, penalty_fn=penalty, **common)
@@ -162,8 +175,8 @@ def _check(results: list[dict[str, Any]], config: dict) -> None:
     plain_weights = {k: v.detach() for k, v in plain.named_parameters()}
     assert ref_weights.keys() == r0["weights"].keys()
     for k, v in ref_weights.items():
-        torch.testing.assert_close(r0["weights"][k], v, atol=1e-12, rtol=1e-10, msg=lambda m, k=k: f"{k}: {m}")
-    torch.testing.assert_close(r0["penalty"], penalties[-1], atol=1e-12, rtol=1e-10)
+        torch.testing.assert_close(r0["weights"][k], v, atol=atol, rtol=rtol, msg=lambda m, k=k: f"{k}: {m}")
+    torch.testing.assert_close(r0["penalty"], penalties[-1], atol=atol, rtol=rtol)
     assert max((r0["weights"][k] - plain_weights[k]).abs().max().item() for k in plain_weights) > 1e-3
 
 
@@ -186,3 +199,43 @@ def test_fsdp2_matches_data_parallel_reference(config: dict, fsdp2_results: dict
     results = fsdp2_results[config["name"]]
     assert all(r["sharded"] for r in results)  # the weights really were DTensors during training
     _check(results, config)
+
+
+@pytest.fixture(scope="module")
+def deepspeed_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, Any]]]:
+    pytest.importorskip("deepspeed", reason="DeepSpeed is in the [dev] extra on Linux; CI installs it")
+    return _launch("deepspeed", DEEPSPEED_CONFIGS, tmp_path_factory.mktemp("ds"), by_hand=False, DS_ACCELERATOR="cpu")
+
+
+@pytest.mark.parametrize("config", DEEPSPEED_CONFIGS, ids=[c["name"] for c in DEEPSPEED_CONFIGS])
+def test_deepspeed_zero12_matches_reference(config: dict, deepspeed_results: dict) -> None:
+    """DeepSpeed ZeRO-1/2 through Lightning's ``DeepSpeedStrategy`` on DeepSpeed's CPU accelerator (float32).
+
+    Without accumulation DeepSpeed steps like DDP: the data-parallel reference applies. With accumulation the
+    engine's windows run across epoch ends and both Lightning and the engine divide the loss by ``A``:
+    :func:`tests.dist_helpers.reference_fit_deepspeed` reproduces that, with the penalty once per engine step.
+    """
+    results = deepspeed_results[config["name"]]
+    assert all(r["engine"] == "DeepSpeedEngine" and r["zero_stage"] == config["stage"] for r in results)
+    tol = {"dtype": torch.float32, "atol": 1e-5, "rtol": 1e-4}
+    if config["accumulate"] == 1:
+        _check(results, config, **tol)
+        return
+    r0, r1 = results
+    for k in r0["weights"]:
+        assert torch.equal(r0["weights"][k], r1["weights"][k]), f"ranks differ on {k}"
+    assert_nested_equal(r0["callback_state"], r1["callback_state"])
+    micro = len(r0["inputs"])
+    assert micro == len(r1["inputs"]) and micro >= 2 * config["accumulate"]
+    dataset = make_dataset(num_batches=5, batch_size=3)
+    model = TinyMLP(momentum=0.9)
+    ref, plain = clone_model(model), clone_model(model)
+    common = {"world_size": WORLD_SIZE, "batch_size": config["batch_size"], "micro_batches": micro}
+    common["accumulate"] = config["accumulate"]
+    penalty = regularizer_penalty(CoMHERegularizer(ref, **config["comhe"]))
+    _, penalties = reference_fit_deepspeed(ref, dataset, penalty_fn=penalty, **common)
+    reference_fit_deepspeed(plain, dataset, penalty_fn=None, **common)
+    assert r0["engine_steps"] == micro // config["accumulate"] == len(penalties)
+    for k, v in ref.named_parameters():
+        torch.testing.assert_close(r0["weights"][k], v.detach(), atol=1e-5, rtol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
+    assert max((r0["weights"][k] - p.detach()).abs().max().item() for k, p in plain.named_parameters()) > 1e-3

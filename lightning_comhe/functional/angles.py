@@ -19,6 +19,7 @@ import math
 import torch
 from torch import Tensor
 
+from lightning_comhe.functional._device import autocast_off
 from lightning_comhe.functional.energy import _compute_dtype
 
 __all__ = ["angle_objective", "eps_cosine"]
@@ -77,7 +78,7 @@ def eps_cosine(neurons: Tensor, eps: float = 1e-4) -> Tensor:
     """
     _check_neuron_tensor(neurons)
     _check_eps(eps)
-    with torch.autocast(device_type=neurons.device.type, enabled=False):
+    with autocast_off(neurons.device):
         return _eps_cosine(neurons.to(_compute_dtype(neurons)), float(eps))
 
 
@@ -135,7 +136,7 @@ def angle_objective(neurons: Tensor, projection: Tensor, eps: float = 1e-4) -> T
             f"same G; got {tuple(neurons.shape)}."
         )
     dtype = _compute_dtype(neurons)
-    with torch.autocast(device_type=neurons.device.type, enabled=False):
+    with autocast_off(neurons.device):
         w = neurons.to(dtype)
         p = projection.to(dtype)
         projected = w @ p.transpose(-1, -2)  # (..., N, k)

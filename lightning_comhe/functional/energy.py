@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from lightning_comhe.functional import _compiled
+from lightning_comhe.functional._device import autocast_off
 
 __all__ = ["hyperspherical_energy", "parse_power", "projected_energy", "PowerLike", "OFFICIAL_POWERS"]
 
@@ -831,7 +832,7 @@ def hyperspherical_energy(
     if check_finite:
         _check_finite(neurons, "neurons")
     dtype = _compute_dtype(neurons)
-    with torch.autocast(device_type=neurons.device.type, enabled=False):
+    with autocast_off(neurons.device):
         v = neurons.to(dtype)
         batched = v.ndim == 3
         out = _energy_core(v if batched else v[None], s, angular, half_space, float(eps), backend, tile_size)
@@ -932,7 +933,7 @@ def projected_energy(
         _check_finite(projections, "projections")
     dtype = _compute_dtype(neurons)
     c, k = projections.shape[-3], projections.shape[-2]
-    with torch.autocast(device_type=neurons.device.type, enabled=False):
+    with autocast_off(neurons.device):
         w = neurons.to(dtype)
         p = projections.to(dtype)
         batched = w.ndim == 3

@@ -40,6 +40,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from lightning_comhe.functional._device import autocast_off
+
 __all__ = ["gram_residual", "gram_side", "orthonormality", "soft_orthogonality", "srip", "srip_power_iteration"]
 
 GramSide = Literal["neurons", "features"]
@@ -119,7 +121,7 @@ def gram_residual(neurons: Tensor, *, normalize: bool = False, eps: float = 1e-4
     """
     _check_neurons(neurons)
     _check_eps(eps)
-    with torch.autocast(device_type=neurons.device.type, enabled=False):
+    with autocast_off(neurons.device):
         out = _residual(_rows(neurons, normalize, float(eps)))
     return out if neurons.ndim == 3 else out[0]
 
@@ -157,7 +159,7 @@ def soft_orthogonality(
     _check_eps(eps)
     if check_finite:
         _check_finite(neurons)
-    with torch.autocast(device_type=neurons.device.type, enabled=False):
+    with autocast_off(neurons.device):
         out = _residual(_rows(neurons, normalize, float(eps))).pow(2).sum(dim=(-2, -1))
     return out if neurons.ndim == 3 else out[0]
 
@@ -239,7 +241,7 @@ def srip_power_iteration(
     batched = neurons.ndim == 3
     batch = neurons.shape[0] if batched else 1
     m = min(neurons.shape[-2:])
-    with torch.no_grad(), torch.autocast(device_type=neurons.device.type, enabled=False):
+    with torch.no_grad(), autocast_off(neurons.device):
         w = _rows(neurons.detach(), normalize, float(eps))
         if vectors is None:
             v = torch.randn(batch, m, generator=generator, dtype=torch.float64).to(device=w.device, dtype=w.dtype)
@@ -297,7 +299,7 @@ def srip(
     batch = neurons.shape[0] if batched else 1
     m = min(neurons.shape[-2:])
     _check_vectors(vectors, batch, m, batched)
-    with torch.autocast(device_type=neurons.device.type, enabled=False):
+    with autocast_off(neurons.device):
         w = _rows(neurons, normalize, float(eps))
         v = vectors.detach().to(device=w.device, dtype=w.dtype).reshape(batch, m)
         mv = (_residual(w) @ v[..., None])[..., 0]

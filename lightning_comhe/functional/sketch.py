@@ -140,11 +140,12 @@ def draw_srht(num_sets: int, rows: int, d: int, generator: torch.Generator, devi
     """
     dp = next_pow2(d)
     reps = -(-rows // dp)
-    bits = torch.randint(0, 2, (num_sets, reps, d), generator=generator, device=device, dtype=torch.int8)
+    host = generator.device  # the CPU for device types without a generator of their own
+    bits = torch.randint(0, 2, (num_sets, reps, d), generator=generator, device=host, dtype=torch.int8)
     signs = bits * 2 - 1
-    keys = torch.rand(num_sets, reps * dp, generator=generator, device=device)
+    keys = torch.rand(num_sets, reps * dp, generator=generator, device=host)
     index = keys.argsort(dim=1)[:, :rows].contiguous()
-    return {"signs": signs, "index": index}
+    return {"signs": signs.to(device), "index": index.to(device)}
 
 
 def srht_project(neurons: Tensor, signs: Tensor, index: Tensor, num: int, dim: int) -> Tensor:
@@ -186,23 +187,24 @@ def draw_sparse(
         ``{"pos": int64 sorted flat positions, "sign": int8 ±1}`` of the nonzeros.
     """
     total = num_sets * rows * d
+    host = generator.device  # the CPU for device types without a generator of their own
     if density >= 1.0:
-        pos = torch.arange(total, device=device)
+        pos = torch.arange(total, device=host)
     else:
         parts, last = [], -1
         while True:
             remaining = total - 1 - last
             expected = remaining * density
             count = int(expected + 6.0 * math.sqrt(expected + 1.0) + 16)
-            gaps = torch.empty(count, dtype=torch.float64, device=device).geometric_(density, generator=generator)
+            gaps = torch.empty(count, dtype=torch.float64, device=host).geometric_(density, generator=generator)
             step = torch.cumsum(gaps.to(torch.int64), 0) + last
             parts.append(step[step < total])
             last = int(step[-1])
             if last >= total - 1:
                 break
         pos = torch.cat(parts)
-    sign = torch.randint(0, 2, (pos.numel(),), generator=generator, device=device, dtype=torch.int8) * 2 - 1
-    return {"pos": pos, "sign": sign}
+    sign = torch.randint(0, 2, (pos.numel(),), generator=generator, device=host, dtype=torch.int8) * 2 - 1
+    return {"pos": pos.to(device), "sign": sign.to(device)}
 
 
 def sparse_matrices(

@@ -12,6 +12,8 @@ Modes:
   "node" by hand with ``MASTER_ADDR``/``MASTER_PORT``/``NODE_RANK``/``WORLD_SIZE``/``LOCAL_RANK``.
 - ``fsdp2``: ``ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)`` with ``fully_shard`` applied
   to every ``Linear`` and to ``net`` in ``configure_model``.
+- ``deepspeed``: Lightning's ``DeepSpeedStrategy(stage=config["stage"])`` on DeepSpeed's CPU accelerator
+  (``DS_ACCELERATOR=cpu``, gloo), see :class:`CPUDeepSpeedStrategy`. float32 (DeepSpeed has no float64 path).
 
 For every config it saves ``<out>/<name>_rank<global rank>.pt``: the final full weights, the callback state, the
 last logged ``comhe/penalty``, the global step and the (float64) inputs of every training batch the rank saw.
@@ -26,7 +28,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, ModelParallelStrategy
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -54,6 +56,19 @@ class FSDP2MLP(TinyMLP):
         self._sharded = True
 
 
+class CPUDeepSpeedStrategy(DeepSpeedStrategy):
+    """Lightning's ``DeepSpeedStrategy``, unchanged except for its CUDA-only guard.
+
+    DeepSpeed itself runs on CPUs (its ``cpu`` accelerator, gloo collectives); Lightning refuses any accelerator but
+    CUDA in ``setup_environment``. This subclass skips only that check, and the test passes indexed CPU devices
+    (``cpu:0``, ``cpu:1``) because Lightning hands the root device's index to ``deepspeed.initialize``. The engine,
+    the ZeRO optimizer, Lightning's DeepSpeed precision plugin and its accumulation handling are the real ones.
+    """
+
+    def setup_environment(self) -> None:
+        DDPStrategy.setup_environment(self)  # everything DeepSpeedStrategy does, minus the CUDAAccelerator check
+
+
 class BatchRecorder(Callback):
     """Records the inputs of every training batch this rank saw."""
 
@@ -61,7 +76,7 @@ class BatchRecorder(Callback):
         self.inputs: list[torch.Tensor] = []
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        self.inputs.append(batch[0].detach().clone())
+        self.inputs.append(batch[0].detach().double())  # lossless for float32 and float64 runs
 
 
 def full_weights(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -80,12 +95,19 @@ def run(mode: str, config: dict[str, Any], out: Path) -> None:
         strategy: Any = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, timeout=TIMEOUT)
         model: TinyMLP = FSDP2MLP(momentum=0.9).double()
         devices, num_nodes = 2, 1
+    elif mode == "deepspeed":
+        cpus = [torch.device("cpu", i) for i in range(2)]
+        strategy = CPUDeepSpeedStrategy(
+            stage=config["stage"], process_group_backend="gloo", parallel_devices=cpus, timeout=TIMEOUT
+        )
+        model = TinyMLP(momentum=0.9)
+        devices, num_nodes = 2, 1
     else:
         strategy = DDPStrategy(process_group_backend="gloo", timeout=TIMEOUT)
         model = TinyMLP(momentum=0.9)
         devices, num_nodes = (2, 1) if mode == "ddp" else (1, 2)
     dataset = make_dataset(num_batches=5, batch_size=3)  # 15 samples: the sampler pads one index per epoch
-    precision = "64-true"
+    precision = "32-true" if mode == "deepspeed" else "64-true"
     if mode == "fsdp2":
         # ModelParallelStrategy refuses "64-true": the model is built in float64 above and fed float64 data.
         precision = "32-true"
@@ -120,13 +142,16 @@ def run(mode: str, config: dict[str, Any], out: Path) -> None:
         "penalty": trainer.callback_metrics["comhe/penalty"].clone(),
         "inputs": recorder.inputs,
         "sharded": any(type(p).__name__ == "DTensor" for p in model.parameters()),
+        "engine": type(trainer.strategy.model).__name__,
+        "zero_stage": trainer.strategy.config["zero_optimization"]["stage"] if mode == "deepspeed" else None,
+        "engine_steps": getattr(trainer.strategy.model, "global_steps", None),
     }
     torch.save(result, out / f"{config['name']}_rank{trainer.global_rank}.pt")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--mode", choices=["ddp", "multinode", "fsdp2"], required=True)
+    parser.add_argument("--mode", choices=["ddp", "multinode", "fsdp2", "deepspeed"], required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--configs", type=str, required=True, help="JSON list of configs")
     args = parser.parse_args()
