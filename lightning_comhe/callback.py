@@ -23,20 +23,11 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_comhe.functional.energy import parse_power
+from lightning_comhe.regularizer import VARIANTS as _VARIANTS
 from lightning_comhe.regularizer import CoMHERegularizer
 
 __all__ = ["CoMHE"]
 
-_VARIANTS: tuple[str, ...] = (
-    "mhe",
-    "half_mhe",
-    "random",
-    "angle",
-    "adversarial",
-    "orthogonal",
-    "orthonormal",
-    "srip",
-)
 _LOOKAHEADS: tuple[str, ...] = ("none", "first", "second")
 _GROUPED: tuple[str, ...] = ("per_group", "skip")
 _STD_CONV: tuple[str, ...] = ("raw", "standardized")
