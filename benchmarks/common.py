@@ -374,10 +374,38 @@ def save(name: str, out: Path, payload: dict[str, Any], markdown: str) -> dict[s
     return paths
 
 
+def payload(name: str, device: Any, argv: Sequence[str] | None, **fields: Any) -> dict[str, Any]:
+    """The JSON payload of a benchmark: its name, the machine, the command line, then ``fields``."""
+    return {"benchmark": name, "machine": machine_info(device), "command": command_line(name, argv), **fields}
+
+
+def model_panels(
+    records: list[dict[str, Any]], ylabel: str, keep: Callable[[dict[str, Any]], bool] | None = None
+) -> tuple[Any, list[tuple[Any, list[dict[str, Any]]]]]:
+    """One bar-chart panel per model: the figure and ``(axes, that model's records)`` pairs, axes titled/labelled.
+
+    ``keep`` filters the records of each panel. The caller draws the bars (x positions ``range(len(records))``);
+    the x tick labels are the records' variants.
+    """
+    plt = pyplot()
+    models = list(dict.fromkeys(r["model"] for r in records))
+    fig, axes = plt.subplots(1, len(models), figsize=(3.5 * len(models), 3.0), squeeze=False)
+    panels = []
+    for ax, model in zip(axes[0], models, strict=True):
+        recs = [r for r in records if r["model"] == model and (keep is None or keep(r))]
+        ax.set_xticks(range(len(recs)), [r["variant"] for r in recs], rotation=60, fontsize=7)
+        ax.set_title(MODEL_LABELS.get(model, model), fontsize=9)
+        ax.set_ylabel(ylabel)
+        panels.append((ax, recs))
+    return fig, panels
+
+
 def savefig(fig: Any, name: str, out: Path) -> Path:
-    """Save a matplotlib figure as ``<name>.png`` (small: 100 dpi); copy it to the docs when ``out`` is the default."""
+    """Save a matplotlib figure as ``<name>.png`` (small: 100 dpi) and close it; copy it to the docs when ``out`` is
+    the default."""
     path = out / f"{name}.png"
     fig.savefig(path, dpi=100, bbox_inches="tight")
+    pyplot().close(fig)
     if out.resolve() == RESULTS.resolve():
         DOC_IMG.mkdir(parents=True, exist_ok=True)
         shutil.copy(path, DOC_IMG / path.name)

@@ -104,13 +104,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
             ]
         )
     header = ["case", "eager fused", "compiled", "speed-up", "first compiled call"]
-    payload = {
-        "benchmark": "compiled",
-        "machine": common.machine_info(device),
-        "command": common.command_line("compiled", argv),
-        "compile_failed": _compiled.compile_failed(),
-        "records": records,
-    }
+    payload = common.payload("compiled", device, argv, compile_failed=_compiled.compile_failed(), records=records)
     common.save("compiled", args.out, payload, common.md_table(header, rows))
     plt = common.pyplot()
     fig, ax = plt.subplots(figsize=(5.0, 2.6))
@@ -120,7 +114,6 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ax.set_xlabel("eager time / compiled time")
     ax.set_title("torch.compile of the per-tile work (CPU)", fontsize=9)
     common.savefig(fig, "compiled", args.out)
-    plt.close(fig)
     return payload
 
 

@@ -103,39 +103,21 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     markdown = common.md_table(header, rows)
     markdown += "\n\nMatmul rates of the shapes the penalties run (same run, same threads):\n\n"
     markdown += common.md_table(["shape", "GFLOP/s"], [[k, f"{v:.1f}"] for k, v in rates.items()])
-    payload = {
-        "benchmark": "floor",
-        "machine": common.machine_info(device),
-        "command": common.command_line("floor", argv),
-        "repeats": repeats,
-        "target": TARGET,
-        "records": records,
-        "shape_gflops": rates,
-    }
+    payload = common.payload("floor", device, argv, repeats=repeats, target=TARGET, records=records, shape_gflops=rates)
     common.save("floor", args.out, payload, markdown)
     plot(records, args.out)
     return payload
 
 
 def plot(records: list[dict[str, Any]], out) -> None:
-    plt = common.pyplot()
-    models = list(dict.fromkeys(r["model"] for r in records))
-    fig, axes = plt.subplots(1, len(models), figsize=(3.4 * len(models), 3.0), squeeze=False)
-    for ax, model in zip(axes[0], models, strict=True):
-        recs = [r for r in records if r["model"] == model]
-        ax.bar(
-            range(len(recs)),
-            [r["ratio"] for r in recs],
-            color=["tab:green" if r["met"] else "tab:orange" for r in recs],
-        )
+    fig, panels = common.model_panels(records, "penalty time / GEMM floor")
+    for ax, recs in panels:
+        colors = ["tab:green" if r["met"] else "tab:orange" for r in recs]
+        ax.bar(range(len(recs)), [r["ratio"] for r in recs], color=colors)
         ax.axhline(TARGET, color="tab:red", linestyle="--", linewidth=1)
         ax.axhline(1.0, color="black", linewidth=0.5)
-        ax.set_xticks(range(len(recs)), [r["variant"] for r in recs], rotation=60, fontsize=7)
-        ax.set_title(common.MODEL_LABELS.get(model, model), fontsize=9)
-        ax.set_ylabel("penalty time / GEMM floor")
     fig.suptitle("Closeness to the GEMM floor (red: 1.5× target)", fontsize=9)
     common.savefig(fig, "floor", out)
-    plt.close(fig)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -173,13 +173,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "target",
         "rel. error value / grad",
     ]
-    payload = {
-        "benchmark": "kernel",
-        "machine": common.machine_info(device),
-        "command": common.command_line("kernel", argv),
-        "repeats": repeats,
-        "records": records,
-    }
+    payload = common.payload("kernel", device, argv, repeats=repeats, records=records)
     markdown = common.md_table(header, rows)
     common.save("kernel", args.out, payload, markdown)
     plot(records, args.out)
@@ -199,7 +193,6 @@ def plot(records: list[dict[str, Any]], out) -> None:
     ax.set_ylabel("speed-up over the naive port")
     ax.set_title("Penalty forward+backward: library vs naive port (red: target)", fontsize=9)
     common.savefig(fig, "kernel", out)
-    plt.close(fig)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -104,34 +104,22 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for r in records
     ]
     header = ["model", "variant", "peak RSS" if key == "peak_rss_bytes" else "max allocated", "overhead", "< 1 GiB"]
-    payload = {
-        "benchmark": "memory",
-        "machine": common.machine_info(device),
-        "command": common.command_line("memory", argv),
-        "batch_size": batch,
-        "image_size": size,
-        "steps": steps,
-        "records": records,
-    }
+    payload = common.payload("memory", device, argv, batch_size=batch, image_size=size, steps=steps, records=records)
     common.save("memory", args.out, payload, common.md_table(header, rows))
     plot(records, args.out)
     return payload
 
 
 def plot(records, out) -> None:
-    plt = common.pyplot()
-    models = list(dict.fromkeys(r["model"] for r in records))
-    fig, axes = plt.subplots(1, len(models), figsize=(3.4 * len(models), 3.0), squeeze=False)
-    for ax, model in zip(axes[0], models, strict=True):
-        recs = [r for r in records if r["model"] == model and "overhead_bytes" in r and r["variant"] != "plain"]
+    def keep(r: dict) -> bool:
+        return "overhead_bytes" in r and r["variant"] != "plain"
+
+    fig, panels = common.model_panels(records, "peak memory overhead (MiB)", keep)
+    for ax, recs in panels:
         ax.bar(range(len(recs)), [r["overhead_bytes"] / 2**20 for r in recs])
         ax.axhline(1024, color="tab:red", linestyle="--", linewidth=1)
-        ax.set_xticks(range(len(recs)), [r["variant"] for r in recs], rotation=60, fontsize=7)
-        ax.set_ylabel("peak memory overhead (MiB)")
-        ax.set_title(common.MODEL_LABELS.get(model, model), fontsize=9)
     fig.suptitle("Memory overhead of the regularizer during training (red: 1 GiB)", fontsize=9)
     common.savefig(fig, "memory", out)
-    plt.close(fig)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -215,39 +215,32 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         ]
         md += "\n\nThrough a Lightning `Trainer` with the `CoMHE` callback:\n\n"
         md += common.md_table(["model", "variant", "step", "ratio"], lrows)
-    payload = {
-        "benchmark": "overhead",
-        "machine": common.machine_info(device),
-        "command": common.command_line("overhead", argv),
-        "batch_size": batch,
-        "image_size": size,
-        "amp": args.amp,
-        "matmul_gflops": mm_rate,
-        "records": records,
-        "lightning": lightning_results,
-    }
+    payload = common.payload(
+        "overhead",
+        device,
+        argv,
+        batch_size=batch,
+        image_size=size,
+        amp=args.amp,
+        matmul_gflops=mm_rate,
+        records=records,
+        lightning=lightning_results,
+    )
     common.save("overhead", args.out, payload, md)
     plot(records, args.out)
     return payload
 
 
 def plot(records: list[dict[str, Any]], out) -> None:
-    plt = common.pyplot()
-    models = list(dict.fromkeys(r["model"] for r in records))
-    fig, axes = plt.subplots(1, len(models), figsize=(3.6 * len(models), 3.0), squeeze=False)
-    for ax, model in zip(axes[0], models, strict=True):
-        recs = [r for r in records if r["model"] == model]
+    fig, panels = common.model_panels(records, "step time / plain step")
+    for ax, recs in panels:
         xs = range(len(recs))
         ax.bar([i - 0.2 for i in xs], [r["ratio"] for r in recs], width=0.4, label="measured")
         ax.bar([i + 0.2 for i in xs], [r["floor_ratio"] for r in recs], width=0.4, label="GEMM floor allows")
         ax.axhline(1.0, color="black", linewidth=0.5)
-        ax.set_xticks(list(xs), [r["variant"] for r in recs], rotation=60, fontsize=7)
-        ax.set_title(common.MODEL_LABELS.get(model, model), fontsize=9)
-        ax.set_ylabel("step time / plain step")
         ax.legend(fontsize=7)
     fig.suptitle("Training-step overhead of each variant", fontsize=9)
     common.savefig(fig, "overhead", out)
-    plt.close(fig)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -7,7 +7,7 @@ python -m benchmarks.report --results DIR --doc PATH
 import argparse
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,19 @@ def _strip_out(command: str) -> str:
 
 def _met(flag: bool | None) -> str:
     return {True: "**met**", False: "**not met**", None: "–"}[flag]
+
+
+def _profiles(result: dict[str, Any] | None, headline: Callable[[dict[str, Any]], str]) -> list[str]:
+    """Markdown for every record of ``result`` that carries a profile: a bold ``model, variant: headline`` line and
+    the profile table."""
+    parts = []
+    for rec in (result or {}).get("records", []):
+        if "profile" in rec:
+            label = (
+                f"{common.MODEL_LABELS.get(rec['model'], rec['model'])}, {common.VARIANT_LABELS.get(rec['variant'])}"
+            )
+            parts += [f"**{label}: {headline(rec)}\n", _profile_table(rec["profile"]) + "\n"]
+    return parts
 
 
 def _profile_table(profile: dict[str, Any]) -> str:
@@ -378,13 +391,7 @@ def render(results: Path, doc: Path) -> str:
         )
     out.append(_md(results, "floor") + "\n")
     out.append(_img("floor", doc, results))
-    for rec in (fl or {}).get("records", []):
-        if "profile" in rec:
-            label = (
-                f"{common.MODEL_LABELS.get(rec['model'], rec['model'])}, {common.VARIANT_LABELS.get(rec['variant'])}"
-            )
-            out.append(f"**{label}: {rec['ratio']:.2f}× its floor.** Profile of one step:\n")
-            out.append(_profile_table(rec["profile"]) + "\n")
+    out.extend(_profiles(fl, lambda rec: f"{rec['ratio']:.2f}× its floor.** Profile of one step:"))
 
     out.append("## 3. Training overhead\n")
     ov = res.get("overhead")
@@ -397,15 +404,11 @@ def render(results: Path, doc: Path) -> str:
         )
     out.append(_md(results, "overhead") + "\n")
     out.append(_img("overhead", doc, results))
-    for rec in (ov or {}).get("records", []):
-        if "profile" in rec:
-            label = (
-                f"{common.MODEL_LABELS.get(rec['model'], rec['model'])}, {common.VARIANT_LABELS.get(rec['variant'])}"
-            )
-            out.append(
-                f"**{label}: the regularizer adds {rec['added_vs_floor']:.2f}× its floor.** Profile of its step:\n"
-            )
-            out.append(_profile_table(rec["profile"]) + "\n")
+    out.extend(
+        _profiles(
+            ov, lambda rec: f"the regularizer adds {rec['added_vs_floor']:.2f}× its floor.** Profile of its step:"
+        )
+    )
 
     out.append("## 4. Scale\n")
     out.append(

@@ -140,16 +140,9 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for r in records
     ]
     header = ["backend", "N", "fwd+bwd", "extra peak memory", "of which weight grad", "beyond the grad", "energy"]
-    payload = {
-        "benchmark": "scale",
-        "machine": common.machine_info(device),
-        "command": common.command_line("scale", argv),
-        "d": d,
-        "k": k,
-        "num_projections": args.num_projections,
-        "records": records,
-        "target": target,
-    }
+    payload = common.payload(
+        "scale", device, argv, d=d, k=k, num_projections=args.num_projections, records=records, target=target
+    )
     common.save(args.name, args.out, payload, common.md_table(header, rows))
     plot(records, args.out, args.name, d, k, args.num_projections)
     return payload
@@ -180,7 +173,6 @@ def plot(records, out, name, d, k, c) -> None:
     a2.legend(fontsize=7)
     fig.suptitle(f"One set of N neurons, d = {d}, k = {k}, C = {c}", fontsize=9)
     common.savefig(fig, name, out)
-    plt.close(fig)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

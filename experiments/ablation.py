@@ -13,7 +13,6 @@ Usage::
     python -m experiments.ablation --quick
 """
 
-import argparse
 import math
 import statistics
 import sys
@@ -32,17 +31,19 @@ from experiments.common import (
     ARCHS,
     RunSpec,
     Setup,
-    add_common_args,
     build_model,
     environment,
+    experiment_parser,
     fmt_mean_std,
     load_splits,
     mean_std,
     print_progress,
     publish,
+    pyplot,
     resolve_setup,
     run,
     run_many,
+    save_figure,
 )
 
 DEFAULT_SEEDS = (0, 1, 2)
@@ -135,10 +136,7 @@ def tables(results: dict[str, Any]) -> str:
 
 def plot(results: dict[str, Any], path: Path) -> None:
     """Test error and step cost against k, one line per C (baseline as a horizontal band)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     runs = results["runs"]
     fig, (ax_err, ax_cost) = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -177,17 +175,13 @@ def plot(results: dict[str, Any], path: Path) -> None:
     ax_err.set_ylabel("test error (%)")
     ax_cost.set_ylabel("training step (ms, median)")
     fig.suptitle(f"{results['data']}, {ARCH_LABELS[results['arch']]}: RP-CoMHE ablation over k and C")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the grid, write ``ablation_<data>.{json,md,png}`` (and the doc block)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="python -m experiments.ablation", description=__doc__.split("\n")[0])
-    add_common_args(parser)
+    parser = experiment_parser("ablation", __doc__)
     parser.add_argument("--arch", choices=ARCHS, default="cnn9")
     parser.add_argument("--ks", type=int, nargs="+", default=list(DEFAULT_KS), help="projection dimensions k")
     parser.add_argument("--cs", type=int, nargs="+", default=list(DEFAULT_CS), help="numbers of projections C")

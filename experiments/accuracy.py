@@ -17,7 +17,6 @@ Usage::
     python -m experiments.accuracy --cifar-root ~/data/cifar-100-python --cifar cifar100 --accelerator auto
 """
 
-import argparse
 import sys
 import time
 from collections.abc import Sequence
@@ -32,15 +31,17 @@ from experiments.common import (
     ROWS,
     RunSpec,
     Setup,
-    add_common_args,
     default_kappas,
     environment,
+    experiment_parser,
     fmt_mean_std,
     mean_std,
     print_progress,
     publish,
+    pyplot,
     resolve_setup,
     run_many,
+    save_figure,
 )
 
 DEFAULT_SEEDS = tuple(range(10))
@@ -129,10 +130,7 @@ def tables(results: dict[str, Any]) -> str:
 
 def plot(results: dict[str, Any], path: Path) -> None:
     """Per-seed test errors (dots) and mean ± std (bars) for every row and architecture."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     archs, rows, runs = results["archs"], results["rows"], results["runs"]
     fig, axes = plt.subplots(1, len(archs), figsize=(4.2 * len(archs), 4.0), squeeze=False)
@@ -150,17 +148,13 @@ def plot(results: dict[str, Any], path: Path) -> None:
         ax.set_title(ARCH_LABELS[arch])
         ax.grid(axis="x", alpha=0.3)
     fig.suptitle(f"{results['data']}: test error, mean ± std over seeds {results['seeds']} (dots: single seeds)")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the protocol and write ``accuracy_<data>.{json,md,png}`` (and the doc block)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="python -m experiments.accuracy", description=__doc__.split("\n")[0])
-    add_common_args(parser)
+    parser = experiment_parser("accuracy", __doc__)
     parser.add_argument("--archs", nargs="+", choices=ARCHS, default=list(ARCHS))
     parser.add_argument("--variants", nargs="+", choices=ROWS, default=list(ROWS), help="table rows")
     parser.add_argument("--tune-seeds", type=int, nargs="*", default=None, help="seeds of the κ tuning runs")

@@ -6,6 +6,7 @@ test splits. A run is fully described by a :class:`RunSpec` (a picklable datacla
 processes and every number can be traced back to its seed and settings.
 """
 
+import argparse
 import contextlib
 import datetime as _dt
 import json
@@ -663,6 +664,36 @@ class Setup:
     doc: Path | None
     quick: bool
     command: str
+
+
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the non-interactive Agg backend (imported lazily: plotting is optional)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Lay out ``fig``, write it to ``path`` (PNG, 110 dpi; parent folders created) and close it."""
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+
+
+def experiment_parser(module: str, doc: str, common: bool = True, **kwargs: Any) -> argparse.ArgumentParser:
+    """The argument parser of ``python -m experiments.<module>`` (description: ``doc``'s first line).
+
+    With ``common`` it carries the arguments every training experiment shares (:func:`add_common_args`);
+    ``kwargs`` go to :class:`argparse.ArgumentParser`.
+    """
+    parser = argparse.ArgumentParser(prog=f"python -m experiments.{module}", description=doc.split("\n")[0], **kwargs)
+    if common:
+        add_common_args(parser)
+    return parser
 
 
 def add_common_args(parser: Any) -> None:

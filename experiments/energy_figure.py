@@ -12,7 +12,6 @@ Usage::
     python -m experiments.energy_figure --quick
 """
 
-import argparse
 import sys
 import time
 from collections.abc import Sequence
@@ -25,13 +24,15 @@ from experiments.common import (
     ARCHS,
     ROW_LABELS,
     RunSpec,
-    add_common_args,
     environment,
+    experiment_parser,
     mean_std,
     print_progress,
     publish,
+    pyplot,
     resolve_setup,
     run_many,
+    save_figure,
 )
 
 DEFAULT_SEEDS = (0, 1, 2)
@@ -132,10 +133,7 @@ def _split_changes(results: dict[str, Any]) -> str:
 
 def plot(results: dict[str, Any], path: Path) -> None:
     """One panel per layer (energy vs step; mean over seeds, band = min..max) plus a mean relative-change panel."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     runs, variants = results["runs"], results["variants"]
     curves = {v: _curves(runs, v) for v in variants}
@@ -177,17 +175,13 @@ def plot(results: dict[str, Any], path: Path) -> None:
         fontsize=11,
     )
     fig.supxlabel("optimizer step", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Train, record the energies, write ``energy_<data>.{json,md,png}`` (and the doc block)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="python -m experiments.energy_figure", description=__doc__.split("\n")[0])
-    add_common_args(parser)
+    parser = experiment_parser("energy_figure", __doc__)
     parser.add_argument("--arch", choices=ARCHS, default="cnn9")
     parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=list(DEFAULT_VARIANTS))
     parser.add_argument("--every", type=int, default=None, help="record every this many steps (default 5; quick 1)")

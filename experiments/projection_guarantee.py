@@ -20,7 +20,6 @@ Usage::
     python -m experiments.projection_guarantee --quick
 """
 
-import argparse
 import math
 import sys
 import time
@@ -35,6 +34,9 @@ from experiments.common import (
     DEFAULT_OUT,
     doc_figure,
     environment,
+    experiment_parser,
+    pyplot,
+    save_figure,
     update_doc_block,
     write_json,
     write_text,
@@ -96,10 +98,7 @@ def compute(ks: Sequence[int], eps: Sequence[float], cosines: Sequence[float], t
 
 def plot(results: dict[str, Any], path: Path) -> None:
     """Empirical probability (solid) and the bound (dashed) against ε, one colour per k."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for i, k in enumerate(results["ks"]):
@@ -117,10 +116,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -161,9 +157,7 @@ def markdown(results: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Compute the probabilities, write ``projection_guarantee.{json,md,png}`` (and the doc block)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(
-        prog="python -m experiments.projection_guarantee", description=__doc__.split("\n")[0], allow_abbrev=False
-    )
+    parser = experiment_parser("projection_guarantee", __doc__, common=False, allow_abbrev=False)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--ks", type=int, nargs="+", default=list(DEFAULT_KS))
     parser.add_argument("--eps", type=float, nargs="+", default=list(DEFAULT_EPS))

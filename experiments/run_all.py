@@ -9,14 +9,13 @@ Usage::
 Every option except ``--archs`` (accuracy table only) is passed to each script; see their ``--help``.
 """
 
-import argparse
 import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
 from experiments import ablation, accuracy, energy_figure, projection_guarantee
-from experiments.common import ARCHS, add_common_args, environment, resolve_setup, update_doc_block, write_text
+from experiments.common import ARCHS, environment, experiment_parser, resolve_setup, update_doc_block, write_text
 
 
 def _without(argv: Sequence[str], option: str) -> list[str]:
@@ -37,8 +36,7 @@ def _without(argv: Sequence[str], option: str) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the four experiments in order; returns their results by name."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="python -m experiments.run_all", description=__doc__.split("\n")[0])
-    add_common_args(parser)
+    parser = experiment_parser("run_all", __doc__)
     parser.add_argument("--archs", nargs="+", choices=ARCHS, default=None, help="architectures of the accuracy table")
     args = parser.parse_args(argv)
     setup = resolve_setup(args, "experiments.run_all", argv, ())

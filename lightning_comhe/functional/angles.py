@@ -14,33 +14,14 @@ Both functions compute in float32 (float64 for float64 input) with autocast disa
 (the second-order look-ahead of AP-CoMHE differentiates :math:`\nabla_P L` with respect to ``W``).
 """
 
-import math
-
 import torch
 from torch import Tensor
 
+from lightning_comhe.functional._checks import check_eps, check_neurons
 from lightning_comhe.functional._device import autocast_off
 from lightning_comhe.functional.energy import _compute_dtype
 
 __all__ = ["angle_objective", "eps_cosine"]
-
-
-def _check_eps(eps: float) -> None:
-    if isinstance(eps, bool) or not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
-        raise ValueError(f"`eps` must be a finite float > 0; got {eps!r}.")
-
-
-def _check_neuron_tensor(neurons: Tensor, name: str = "neurons") -> None:
-    if not isinstance(neurons, Tensor):
-        raise TypeError(f"`{name}` must be a torch.Tensor; got {type(neurons).__name__}.")
-    if not neurons.is_floating_point():
-        raise TypeError(f"`{name}` must be a floating-point tensor; got dtype {neurons.dtype}.")
-    if neurons.ndim not in (2, 3):
-        raise ValueError(
-            f"`{name}` must have shape (N, d) or (G, N, d) with one neuron per row; got shape {tuple(neurons.shape)}."
-        )
-    if neurons.shape[-2] < 1 or neurons.shape[-1] < 1:
-        raise ValueError(f"`{name}` must hold at least one neuron of dimension >= 1; got shape {tuple(neurons.shape)}.")
 
 
 def _eps_cosine(v: Tensor, eps: float) -> Tensor:
@@ -76,8 +57,8 @@ def eps_cosine(neurons: Tensor, eps: float = 1e-4) -> Tensor:
         >>> c.shape, round(c[0, 1].item(), 6), round(c[0, 0].item(), 6)  # orthogonal; 25 / (25 + 1e-4)
         (torch.Size([2, 2]), 0.0, 0.999996)
     """
-    _check_neuron_tensor(neurons)
-    _check_eps(eps)
+    check_neurons(neurons)
+    check_eps(eps)
     with autocast_off(neurons.device):
         return _eps_cosine(neurons.to(_compute_dtype(neurons)), float(eps))
 
@@ -120,8 +101,8 @@ def angle_objective(neurons: Tensor, projection: Tensor, eps: float = 1e-4) -> T
         >>> angle_objective(w.expand(4, 32, 72), p).shape
         torch.Size([4])
     """
-    _check_neuron_tensor(neurons)
-    _check_eps(eps)
+    check_neurons(neurons)
+    check_eps(eps)
     if not isinstance(projection, Tensor) or not projection.is_floating_point():
         raise TypeError(f"`projection` must be a floating-point torch.Tensor; got {type(projection).__name__}.")
     d = neurons.shape[-1]

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from lightning_comhe.functional import _compiled
+from lightning_comhe.functional._checks import check_eps, check_finite, check_neurons
 from lightning_comhe.functional._device import autocast_off
 
 __all__ = ["hyperspherical_energy", "parse_power", "projected_energy", "PowerLike", "OFFICIAL_POWERS"]
@@ -110,28 +111,11 @@ def _compute_dtype(t: Tensor) -> torch.dtype:
 
 
 def _check_neurons(neurons: Tensor, name: str = "neurons") -> None:
-    if not isinstance(neurons, Tensor):
-        raise TypeError(f"`{name}` must be a torch.Tensor; got {type(neurons).__name__}.")
-    if not (neurons.is_floating_point()):
-        raise TypeError(f"`{name}` must be a floating-point tensor; got dtype {neurons.dtype}.")
-    if neurons.ndim not in (2, 3):
-        raise ValueError(
-            f"`{name}` must have shape (N, d) or (B, N, d) with one neuron per row; got shape {tuple(neurons.shape)}."
-        )
-    if neurons.shape[-2] < 2:
-        raise ValueError(
-            f"`{name}` must hold at least 2 neurons (rows) per set to have a pair; got shape {tuple(neurons.shape)}."
-        )
-    if neurons.shape[-1] < 1:
-        raise ValueError(f"`{name}` must have neuron dimension d >= 1; got shape {tuple(neurons.shape)}.")
+    check_neurons(neurons, name, min_neurons=2)
 
 
 def _check_finite(t: Tensor, name: str) -> None:
-    if not bool(torch.isfinite(t).all()):
-        raise ValueError(
-            f"`{name}` contains NaN or Inf values (shape {tuple(t.shape)}); the hyperspherical energy is undefined. "
-            "Check the model's weights, or pass check_finite=False to skip this check inside training loops."
-        )
+    check_finite(t, name, "hyperspherical energy")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -823,8 +807,7 @@ def hyperspherical_energy(
     """
     _check_neurons(neurons)
     s, angular = parse_power(power, angular)
-    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
-        raise ValueError(f"`eps` must be a finite float > 0; got {eps!r}.")
+    check_eps(eps)
     if backend not in _BACKENDS:
         raise ValueError(f"`backend` must be one of {', '.join(map(repr, _BACKENDS))}; got {backend!r}.")
     if tile_size is not None and (isinstance(tile_size, bool) or not isinstance(tile_size, int) or tile_size < 1):

@@ -40,6 +40,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from lightning_comhe.functional._checks import check_eps, check_finite, check_neurons
 from lightning_comhe.functional._device import autocast_off
 
 __all__ = ["gram_residual", "gram_side", "orthonormality", "soft_orthogonality", "srip", "srip_power_iteration"]
@@ -47,30 +48,8 @@ __all__ = ["gram_residual", "gram_side", "orthonormality", "soft_orthogonality",
 GramSide = Literal["neurons", "features"]
 
 
-def _check_neurons(neurons: Tensor) -> None:
-    if not isinstance(neurons, Tensor):
-        raise TypeError(f"`neurons` must be a torch.Tensor; got {type(neurons).__name__}.")
-    if not neurons.is_floating_point():
-        raise TypeError(f"`neurons` must be a floating-point tensor; got dtype {neurons.dtype}.")
-    if neurons.ndim not in (2, 3):
-        raise ValueError(
-            f"`neurons` must have shape (N, d) or (B, N, d) with one neuron per row; got shape {tuple(neurons.shape)}."
-        )
-    if neurons.shape[-2] < 1 or neurons.shape[-1] < 1:
-        raise ValueError(f"`neurons` must hold at least one neuron of dimension >= 1; got {tuple(neurons.shape)}.")
-
-
-def _check_eps(eps: float) -> None:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (eps > 0) or eps == float("inf"):
-        raise ValueError(f"`eps` must be a finite float > 0; got {eps!r}.")
-
-
 def _check_finite(t: Tensor) -> None:
-    if not bool(torch.isfinite(t).all()):
-        raise ValueError(
-            f"`neurons` contains NaN or Inf values (shape {tuple(t.shape)}); the penalty is undefined. Check the "
-            "model's weights, or pass check_finite=False to skip this check inside training loops."
-        )
+    check_finite(t, "neurons", "penalty")
 
 
 def gram_side(num_neurons: int, dim: int) -> GramSide:
@@ -119,8 +98,8 @@ def gram_residual(neurons: Tensor, *, normalize: bool = False, eps: float = 1e-4
         >>> gram_residual(torch.eye(3)).abs().max().item()
         0.0
     """
-    _check_neurons(neurons)
-    _check_eps(eps)
+    check_neurons(neurons)
+    check_eps(eps)
     with autocast_off(neurons.device):
         out = _residual(_rows(neurons, normalize, float(eps)))
     return out if neurons.ndim == 3 else out[0]
@@ -155,8 +134,8 @@ def soft_orthogonality(
         >>> soft_orthogonality(2 * torch.eye(2)).item()  # two neurons of norm 2: (4 - 1)^2 * 2
         18.0
     """
-    _check_neurons(neurons)
-    _check_eps(eps)
+    check_neurons(neurons)
+    check_eps(eps)
     if check_finite:
         _check_finite(neurons)
     with autocast_off(neurons.device):
@@ -234,8 +213,8 @@ def srip_power_iteration(
     Raises:
         ValueError: For a bad shape, ``iterations`` or ``eps``.
     """
-    _check_neurons(neurons)
-    _check_eps(eps)
+    check_neurons(neurons)
+    check_eps(eps)
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
         raise ValueError(f"`iterations` must be an int >= 0; got {iterations!r}.")
     batched = neurons.ndim == 3
@@ -291,8 +270,8 @@ def srip(
         >>> round(srip(w, v).item(), 4)  # max |s_i^2 - 1| = |4 - 1|
         3.0
     """
-    _check_neurons(neurons)
-    _check_eps(eps)
+    check_neurons(neurons)
+    check_eps(eps)
     if check_finite:
         _check_finite(neurons)
     batched = neurons.ndim == 3
