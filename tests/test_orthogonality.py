@@ -197,6 +197,22 @@ def test_functional_errors_are_clear() -> None:
         srip(torch.tensor([[1.0, float("inf")]]), torch.ones(1))
 
 
+def test_functional_messages_name_argument_bound_and_value() -> None:
+    """One style: `` `name` must be …, got … ``."""
+    with pytest.raises(ValueError, match=r"^`iterations` must be an int >= 0, got -1\.$"):
+        srip_power_iteration(torch.randn(3, 5), None, -1)
+    with pytest.raises(ValueError, match=r"^`vectors` must have shape \(3,\) .*, got \(5,\)\.$"):
+        srip(torch.randn(3, 5), torch.randn(5))
+    with pytest.raises(TypeError, match=r"^`vectors` must be a floating-point torch.Tensor, got list\.$"):
+        srip(torch.randn(3, 5), [1.0, 0.0, 0.0])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"^`eps` must be a finite float > 0, got 0\.0\.$"):
+        orthonormality(torch.randn(2, 3), eps=0.0)
+    with pytest.raises(TypeError, match=r"^`neurons` must be a floating-point tensor, got dtype torch.int64\.$"):
+        soft_orthogonality(torch.ones(3, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"^`neurons` must be finite, got NaN or Inf values \(shape \(1, 2\)\)"):
+        soft_orthogonality(torch.tensor([[1.0, float("nan")]]))
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # the regularizer
 # --------------------------------------------------------------------------------------------------------------------

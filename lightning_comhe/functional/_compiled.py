@@ -1,15 +1,30 @@
 """Optional ``torch.compile`` path of the fused energy kernel.
 
-The eager kernel (:mod:`lightning_comhe.functional.energy`) spends its time in the Gram matmuls and in a few
+The eager kernel (:mod:`lightning_comhe.functional._tiled`) spends its time in the Gram matmuls and in a few
 elementwise passes over each Gram tile. Compiling the per-tile work lets the compiler (TorchInductor: C++/OpenMP on
 CPU, Triton on GPU) fuse the elementwise work, the eps floor (always applied, so no host synchronisation) and the
-triangle mask into one pass per tile. The tile loop itself stays in Python, like in the eager kernel.
+triangle mask into one pass per tile. The tile loop itself stays in Python, like in the eager kernel. The per-tile
+work is the reference formula of :mod:`lightning_comhe.functional._pairwise`.
 
 It is opt-in: ``backend="compiled"``, or the environment variable ``LIGHTNING_COMHE_COMPILE=1`` for
 ``backend="auto"``. When ``torch.compile`` is unavailable or fails (no C++ compiler, an unsupported platform), the
 kernel falls back to the eager path with one warning. Values equal the eager path to rounding (tested on CPU).
+
+Dynamo settings: tiles specialise on edge cases (the first row block, a single set, ...) and a model has several
+set shapes, which exceeds Dynamo's default of 8 recompilations per function. This module never changes a
+process-wide Dynamo setting:
+
+* where ``torch.compile`` takes ``recompile_limit`` and ``isolate_recompiles`` (PyTorch 2.14), each compiled tile
+  function gets its own limit of ``_RECOMPILE_LIMIT`` recompilations and its own cache entries (one per energy
+  variant), as options of that ``torch.compile`` call only;
+* on older PyTorch, :func:`recompile_limit_scope` raises ``torch._dynamo.config.recompile_limit`` (or
+  ``cache_size_limit``) to ``_RECOMPILE_LIMIT`` with ``torch._dynamo.config.patch`` only while the compiled tiles run
+  (inside :func:`run_or_fallback`), and restores it on exit; there the variants share that budget. A limit that is
+  already higher is left as it is.
 """
 
+import contextlib
+import inspect
 import os
 import warnings
 from collections.abc import Callable
@@ -18,11 +33,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["compile_failed", "compile_requested", "compiled_tile_fns", "run_or_fallback"]
+from lightning_comhe.functional._pairwise import reference_terms, reference_terms_and_grad
+
+__all__ = ["compile_failed", "compile_requested", "compiled_tile_fns", "recompile_limit_scope", "run_or_fallback"]
 
 _ENV = "LIGHTNING_COMHE_COMPILE"
 _CACHE: dict[tuple, tuple[Callable, Callable]] = {}
 _FAILED: list[str] = []  # the first failure message; once set, the compiled path is not tried again
+
+#: Recompilations allowed per tile function (see the module docstring).
+_RECOMPILE_LIMIT = 64
+
+#: Whether ``torch.compile`` takes the per-call ``recompile_limit`` and ``isolate_recompiles`` options.
+_PER_CALL_LIMITS = {"recompile_limit", "isolate_recompiles"} <= set(inspect.signature(torch.compile).parameters)
 
 
 def compile_requested() -> bool:
@@ -47,14 +70,12 @@ def _disable(err: BaseException) -> None:
 
 
 def _tile_fns(s: float, angular: bool, half_space: bool, eps: float) -> tuple[Callable, Callable]:
-    from lightning_comhe.functional import energy as E  # the reference formulas (circular import at call time)
-
     def tile_sum(ub: Tensor, qb: Tensor, r0: int, r1: int, c0: int, c1: int) -> Tensor:
         """Σ over the pairs i < j of the tile ``[r0, r1) × [c0, c1)`` of the terms, per set: (B,)."""
         ur, uc = ub[:, r0:r1], ub[:, c0:c1]
         c = torch.bmm(ur, uc.transpose(1, 2))
         b = qb[:, r0:r1, None] + qb[:, None, c0:c1]
-        terms = E._reference_terms(c, b, s, angular, half_space, eps)
+        terms = reference_terms(c, b, s, angular, half_space, eps)
         i = torch.arange(r0, r1, device=ub.device)[:, None]
         j = torch.arange(c0, c1, device=ub.device)[None, :]
         return torch.where(j > i, terms, 0.0).sum(dim=(1, 2))
@@ -64,7 +85,7 @@ def _tile_fns(s: float, angular: bool, half_space: bool, eps: float) -> tuple[Ca
         ur, uc = ub[:, r0:r1], ub[:, c0:c1]
         c = torch.bmm(ur, uc.transpose(1, 2))
         b = qb[:, r0:r1, None] + qb[:, None, c0:c1]
-        terms, dterm = E._reference_terms_and_grad(c, b, s, angular, half_space, eps, True)
+        terms, dterm = reference_terms_and_grad(c, b, s, angular, half_space, eps, True)
         i = torch.arange(r0, r1, device=ub.device)[:, None]
         j = torch.arange(c0, c1, device=ub.device)[None, :]
         keep = j > i
@@ -72,45 +93,47 @@ def _tile_fns(s: float, angular: bool, half_space: bool, eps: float) -> tuple[Ca
         total = torch.where(keep, terms, 0.0).sum(dim=(1, 2))
         return total, torch.bmm(w, uc), torch.bmm(w.transpose(1, 2), ur)
 
-    # Dynamo caches compiled graphs per code object; give every variant its own code object, so that variants do not
-    # share (and exhaust) one recompilation budget.
-    tag = f"{int(s * 1000)}_{int(angular)}{int(half_space)}_{abs(hash((s, angular, half_space, eps))) % 10**8}"
-    tile_sum.__code__ = tile_sum.__code__.replace(co_name=f"tile_sum_{tag}")
-    tile_sum_and_grad.__code__ = tile_sum_and_grad.__code__.replace(co_name=f"tile_sum_and_grad_{tag}")
     return tile_sum, tile_sum_and_grad
 
 
-#: Recompilations allowed per tile function: tiles specialise on edge cases (first row block, a single set, ...) and a
-#: model has several set shapes, which exceeds Dynamo's default of 8.
-_RECOMPILE_LIMIT = 64
+def _compile(fn: Callable) -> Callable:
+    """``torch.compile`` of one tile function: dynamic shapes, one graph, and its own recompile budget if possible."""
+    options: dict[str, Any] = {"dynamic": True, "fullgraph": True}
+    if _PER_CALL_LIMITS:
+        options.update(recompile_limit=_RECOMPILE_LIMIT, isolate_recompiles=True)
+    return torch.compile(fn, **options)
 
 
-def _raise_recompile_limit() -> None:
-    """Raise Dynamo's per-function recompile limit to ``_RECOMPILE_LIMIT`` (never lowers it)."""
-    import torch._dynamo
+def recompile_limit_scope() -> contextlib.AbstractContextManager:
+    """A context in which Dynamo allows ``_RECOMPILE_LIMIT`` recompilations per function, restored on exit.
 
-    cfg = torch._dynamo.config
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(cfg, name) and getattr(cfg, name) < _RECOMPILE_LIMIT:
-            setattr(cfg, name, _RECOMPILE_LIMIT)
+    A no-op where ``torch.compile`` takes a per-call limit (the tile functions carry their own), where the global
+    limit is already at least as high, and inside a function that Dynamo is tracing.
+    """
+    if _PER_CALL_LIMITS or torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    import torch._dynamo as dynamo  # lazily: importing Dynamo is slow, and only the compiled path needs it
+
+    cfg = dynamo.config
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    if getattr(cfg, name) >= _RECOMPILE_LIMIT:
+        return contextlib.nullcontext()
+    return cfg.patch(**{name: _RECOMPILE_LIMIT})
 
 
 def compiled_tile_fns(s: float, angular: bool, half_space: bool, eps: float) -> tuple[Callable, Callable] | None:
     """The compiled ``(tile_sum, tile_sum_and_grad)`` of one energy variant, or ``None`` if compilation is unavailable.
 
-    Shapes are dynamic, so every tile of every problem size reuses one compiled graph per variant.
+    Shapes are dynamic, so every tile of every problem size reuses one compiled graph per variant. Call them inside
+    :func:`run_or_fallback` (which applies :func:`recompile_limit_scope`).
     """
     if _FAILED:
         return None
     key = (float(s), bool(angular), bool(half_space), float(eps))
     if key not in _CACHE:
         try:
-            _raise_recompile_limit()
             fwd, bwd = _tile_fns(*key)
-            _CACHE[key] = (
-                torch.compile(fwd, dynamic=True, fullgraph=True),
-                torch.compile(bwd, dynamic=True, fullgraph=True),
-            )
+            _CACHE[key] = (_compile(fwd), _compile(bwd))
         except Exception as err:  # noqa: BLE001 - any failure means: use the eager kernel
             _disable(err)
             return None
@@ -118,9 +141,10 @@ def compiled_tile_fns(s: float, angular: bool, half_space: bool, eps: float) -> 
 
 
 def run_or_fallback(compiled: Callable[[], Any], eager: Callable[[], Any]) -> Any:
-    """``compiled()``; if it raises (a compilation failure), disable the compiled path and return ``eager()``."""
+    """``compiled()`` within :func:`recompile_limit_scope`; if it raises, disable the compiled path, run ``eager()``."""
     try:
-        return compiled()
+        with recompile_limit_scope():
+            return compiled()
     except Exception as err:  # noqa: BLE001 - e.g. torch._dynamo.exc.BackendCompilerFailed, missing C++ compiler
         _disable(err)
         return eager()

@@ -12,6 +12,17 @@ objective of angle-preserving CoMHE (Lin et al., CVPR 2020) with the exact seman
 
 Both functions compute in float32 (float64 for float64 input) with autocast disabled, and are differentiable twice
 (the second-order look-ahead of AP-CoMHE differentiates :math:`\nabla_P L` with respect to ``W``).
+
+The inner fit of AP-CoMHE (:class:`~lightning_comhe.projections.AngleProjection`) uses the two helpers
+:func:`angle_target` and :func:`angle_value_and_grad`: ``W`` is fixed during a fit, so :math:`C(W)` is computed
+once per fit rather than once per inner step, and the value and :math:`\nabla_P L` come from a closed-form backward
+(no autograd graph), with the projection in the ``P·Wᵀ`` orientation of
+:func:`~lightning_comhe.functional.projection.project_sets`. They equal :func:`angle_objective` and its autograd
+gradient up to float reassociation.
+
+Cost notes: for ``d > N`` the eps-cosine is formed from the Gram ``W Wᵀ`` (its diagonal gives the norms), which
+saves the passes over the ``N × d`` neurons that normalising them first would take; for ``d <= N`` the neurons are
+normalised first (``N × d`` passes instead of ``N × N``). Both are the same expression up to float reassociation.
 """
 
 import torch
@@ -19,13 +30,23 @@ from torch import Tensor
 
 from lightning_comhe.functional._checks import check_eps, check_neurons
 from lightning_comhe.functional._device import autocast_off
-from lightning_comhe.functional.energy import _compute_dtype
+from lightning_comhe.functional._dtype import compute_dtype
+from lightning_comhe.functional.projection import project_sets
 
-__all__ = ["angle_objective", "eps_cosine"]
+__all__ = ["angle_objective", "angle_target", "angle_value_and_grad", "eps_cosine"]
 
 
 def _eps_cosine(v: Tensor, eps: float) -> Tensor:
-    """Eps-cosine matrix of ``v`` (..., N, k), already in the compute dtype with autocast disabled."""
+    """Eps-cosine matrix of ``v`` (..., N, d), already in the compute dtype with autocast disabled.
+
+    For ``d > N`` from the Gram ``v vᵀ`` scaled by ``r_i r_j`` (``r = (diag + eps)^{-1/2}``; the outer product is
+    formed first, so the result is exactly symmetric whenever the Gram is), else from the normalised rows.
+    """
+    n, d = v.shape[-2], v.shape[-1]
+    if d > n:
+        gram = v @ v.transpose(-1, -2)
+        r = (gram.diagonal(dim1=-2, dim2=-1) + eps).rsqrt()
+        return gram * (r[..., :, None] * r[..., None, :])
     u = v / (v.pow(2).sum(-1, keepdim=True) + eps).sqrt()
     return u @ u.transpose(-1, -2)
 
@@ -60,7 +81,28 @@ def eps_cosine(neurons: Tensor, eps: float = 1e-4) -> Tensor:
     check_neurons(neurons)
     check_eps(eps)
     with autocast_off(neurons.device):
-        return _eps_cosine(neurons.to(_compute_dtype(neurons)), float(eps))
+        return _eps_cosine(neurons.to(compute_dtype(neurons)), float(eps))
+
+
+def _check_projection(neurons: Tensor, projection: Tensor) -> None:
+    if not isinstance(projection, Tensor) or not projection.is_floating_point():
+        raise TypeError(f"`projection` must be a floating-point torch.Tensor, got {type(projection).__name__}.")
+    d = neurons.shape[-1]
+    if projection.ndim not in (2, 3) or projection.shape[-1] != d or projection.shape[-2] < 1:
+        raise ValueError(
+            f"`projection` must have shape (k, d) or (G, k, d) with k >= 1 and d = {d} (the neuron dimension), "
+            f"got {tuple(projection.shape)}."
+        )
+    if projection.ndim == 3 and (neurons.ndim != 3 or projection.shape[0] != neurons.shape[0]):
+        raise ValueError(
+            "`projection` of shape (G, k, d) must come with `neurons` of shape (G, N, d) and the same G, got "
+            f"projection {tuple(projection.shape)} and neurons {tuple(neurons.shape)}."
+        )
+
+
+def _project(w: Tensor, p: Tensor) -> Tensor:
+    """``W Pᵀ`` as ``(P Wᵀ)ᵀ`` (:func:`project_sets`, the faster orientation for small ``k``): ``(G, N, k)``, a view."""
+    return project_sets(w, p).transpose(1, 2)
 
 
 def angle_objective(neurons: Tensor, projection: Tensor, eps: float = 1e-4) -> Tensor:
@@ -103,23 +145,87 @@ def angle_objective(neurons: Tensor, projection: Tensor, eps: float = 1e-4) -> T
     """
     check_neurons(neurons)
     check_eps(eps)
-    if not isinstance(projection, Tensor) or not projection.is_floating_point():
-        raise TypeError(f"`projection` must be a floating-point torch.Tensor; got {type(projection).__name__}.")
-    d = neurons.shape[-1]
-    if projection.ndim not in (2, 3) or projection.shape[-1] != d or projection.shape[-2] < 1:
-        raise ValueError(
-            f"`projection` must have shape (k, d) or (G, k, d) with k >= 1 and d = {d} (the neuron dimension); "
-            f"got {tuple(projection.shape)}."
-        )
-    if projection.ndim == 3 and (neurons.ndim != 3 or projection.shape[0] != neurons.shape[0]):
-        raise ValueError(
-            f"`projection` of shape (G, k, d) = {tuple(projection.shape)} needs `neurons` of shape (G, N, d) with the "
-            f"same G; got {tuple(neurons.shape)}."
-        )
-    dtype = _compute_dtype(neurons)
+    _check_projection(neurons, projection)
+    dtype = compute_dtype(neurons)
     with autocast_off(neurons.device):
         w = neurons.to(dtype)
         p = projection.to(dtype)
-        projected = w @ p.transpose(-1, -2)  # (..., N, k)
-        diff = _eps_cosine(projected, float(eps)) - _eps_cosine(w, float(eps))
-        return torch.linalg.vector_norm(diff, dim=(-2, -1))
+        batched = w.ndim == 3
+        wb = w if batched else w[None]
+        # a shared projection is expanded (no copy): every set runs the same batched matmul, so both forms round alike
+        pb = p.expand(wb.shape[0], *p.shape[-2:]) if p.ndim == 2 else p
+        diff = _eps_cosine(_project(wb, pb), float(eps)) - _eps_cosine(wb, float(eps))
+        out = torch.linalg.vector_norm(diff, dim=(-2, -1))
+        return out if batched else out[0]
+
+
+def angle_target(neurons: Tensor, eps: float = 1e-4) -> Tensor:
+    r"""The fixed half of the angle objective during a fit: :math:`C(W)`, detached, for :func:`angle_value_and_grad`.
+
+    Args:
+        neurons: ``(G, N, d)``; detached inside.
+        eps: As in :func:`angle_objective`.
+
+    Returns:
+        ``(G, N, N)`` in the compute dtype of the neurons.
+
+    Example::
+
+        >>> w = torch.randn(2, 6, 9)
+        >>> torch.allclose(angle_target(w), eps_cosine(w))
+        True
+    """
+    with torch.no_grad(), autocast_off(neurons.device):
+        return _eps_cosine(neurons.detach().to(compute_dtype(neurons)), float(eps))
+
+
+def angle_value_and_grad(
+    neurons: Tensor, target: Tensor, projection: Tensor, eps: float = 1e-4
+) -> tuple[Tensor, Tensor]:
+    r"""The angle objective :math:`L(W, P)` per set and its gradient :math:`\nabla_P L`, with ``W`` held fixed.
+
+    The closed-form backward of :func:`angle_objective` with respect to ``P`` only (no autograd graph): with
+    :math:`V = W P^\top`, :math:`U` its eps-normalised rows (norms :math:`n_i`), :math:`A = U U^\top` and
+    :math:`D = A - C(W)`,
+
+    .. math::
+
+        \nabla_U L = \frac{2 D U}{L}, \qquad
+        \nabla_V L = \frac{\nabla_U L - \operatorname{rowdot}(\nabla_U L, U)\, U}{n}, \qquad
+        \nabla_P L = (\nabla_V L)^\top W,
+
+    (``D`` is symmetric; a zero objective has a zero gradient, as autograd's norm). Equal to :func:`angle_objective`
+    and its autograd gradient up to float reassociation.
+
+    Args:
+        neurons: ``(G, N, d)``, in the compute dtype (treated as constants).
+        target: :func:`angle_target` of ``neurons``.
+        projection: ``(G, k, d)``, in the compute dtype of ``neurons``.
+        eps: As in :func:`angle_objective`.
+
+    Returns:
+        ``(value, grad)``: ``(G,)`` and ``(G, k, d)``, detached.
+
+    Example::
+
+        >>> w, p = torch.randn(2, 6, 9, dtype=torch.float64), torch.randn(2, 3, 9, dtype=torch.float64)
+        >>> value, grad = angle_value_and_grad(w, angle_target(w), p)
+        >>> leaf = p.clone().requires_grad_(True)
+        >>> (ref,) = torch.autograd.grad(angle_objective(w, leaf).sum(), leaf)
+        >>> torch.allclose(value, angle_objective(w, p)), torch.allclose(grad, ref)
+        (True, True)
+    """
+    with torch.no_grad(), autocast_off(neurons.device):
+        w = neurons.detach()
+        v = _project(w, projection.detach())  # (G, N, k), a transposed view of (G, k, N)
+        nrm2 = torch.linalg.vecdot(v, v) + eps
+        inv = nrm2.rsqrt_()
+        u = v * inv[..., None]
+        diff = torch.bmm(u, u.transpose(1, 2)).sub_(target)
+        value = torch.linalg.vector_norm(diff, dim=(-2, -1))
+        scale = torch.where(value > 0, 2.0 / value, torch.zeros_like(value))
+        g_u = torch.bmm(diff, u).mul_(scale[:, None, None])
+        coef = torch.linalg.vecdot(g_u, u).neg_()
+        g_v = torch.addcmul(g_u, u, coef[..., None]).mul_(inv[..., None])
+        grad = torch.bmm(g_v.transpose(1, 2), w)
+        return value, grad

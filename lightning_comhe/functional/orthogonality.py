@@ -170,10 +170,10 @@ def orthonormality(neurons: Tensor, *, eps: float = 1e-4, check_finite: bool = T
 def _check_vectors(vectors: Tensor, batch: int, m: int, batched: bool) -> None:
     expected = (batch, m) if batched else (m,)
     if not isinstance(vectors, Tensor) or not vectors.is_floating_point():
-        raise TypeError(f"`vectors` must be a floating-point torch.Tensor; got {type(vectors).__name__}.")
+        raise TypeError(f"`vectors` must be a floating-point torch.Tensor, got {type(vectors).__name__}.")
     if tuple(vectors.shape) != expected:
         raise ValueError(
-            f"`vectors` must have shape {expected} (one vector of size m = min(N, d) = {m} per neuron set); "
+            f"`vectors` must have shape {expected} (one vector of size m = min(N, d) = {m} per neuron set), "
             f"got {tuple(vectors.shape)}."
         )
 
@@ -216,7 +216,7 @@ def srip_power_iteration(
     check_neurons(neurons)
     check_eps(eps)
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
-        raise ValueError(f"`iterations` must be an int >= 0; got {iterations!r}.")
+        raise ValueError(f"`iterations` must be an int >= 0, got {iterations!r}.")
     batched = neurons.ndim == 3
     batch = neurons.shape[0] if batched else 1
     m = min(neurons.shape[-2:])

@@ -122,7 +122,7 @@ def fwht(x: Tensor) -> Tensor:
     """
     dp = x.shape[-1]
     if dp & (dp - 1):
-        raise ValueError(f"`fwht` needs a last dimension that is a power of two; got {dp}.")
+        raise ValueError(f"`x` must have a last dimension that is a power of two, got {dp}.")
     return _FWHT.apply(x)
 
 
