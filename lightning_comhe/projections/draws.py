@@ -1,0 +1,305 @@
+r"""Typed draws of :class:`~lightning_comhe.projections.RandomProjection`: the randomness of one key and window.
+
+A draw holds the tensors one resampling window of one key uses, for ``G`` neuron sets of dimension ``d`` and
+``R = C·k`` projected rows per set:
+
+* :class:`GaussianDraw`: the dense matrices :math:`P \in \mathbb{R}^{G \times C \times k \times d}`, entries
+  :math:`\mathcal{N}(0, 1)`;
+* :class:`SRHTDraw`: the random signs :math:`D_r` and the kept rows of the subsampled randomized Hadamard transform;
+* :class:`SparseDraw`: the support (flat positions) and signs of very sparse sign matrices of density :math:`\rho`.
+
+Each is immutable and offers ``clone()``, ``to(device)``, and ``to_state()`` / ``from_state()``, which write and read
+the ``"draw"`` entry of ``RandomProjection.state_dict()`` exactly as it has always been stored (a plain tensor for the
+Gaussian kind, a plain dict of tensors and numbers for the structured kinds), so old checkpoints load unchanged.
+:func:`draw_from_state` reads any of the three.
+
+Example::
+
+    >>> import torch
+    >>> gen = torch.Generator().manual_seed(0)
+    >>> draw = SRHTDraw.sample(num_sets=2, rows=12, d=7, generator=gen, device=torch.device("cpu"))
+    >>> sorted(draw.to_state())
+    ['d', 'index', 'num_sets', 'signs']
+    >>> again = draw_from_state(draw.to_state())
+    >>> type(again).__name__, torch.equal(again.index, draw.index)
+    ('SRHTDraw', True)
+"""
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, TypeAlias
+
+import torch
+from torch import Tensor
+
+from lightning_comhe.functional import sketch
+from lightning_comhe.projections._rng import normalize_device, randn
+
+__all__ = ["DRAW_TYPES", "Draw", "GaussianDraw", "SRHTDraw", "SparseDraw", "draw_from_state"]
+
+
+def _tensor(state: dict[str, Any], name: str, owner: str) -> Tensor:
+    value = state.get(name)
+    if not isinstance(value, Tensor):
+        raise ValueError(f"`{name}` of a saved {owner} must be a torch.Tensor, got {type(value).__name__}.")
+    return value.detach()
+
+
+def _field(state: dict[str, Any], name: str, owner: str) -> Any:
+    if name not in state:
+        raise ValueError(f"`{name}` of a saved {owner} must be present, got keys {sorted(state)}.")
+    return state[name]
+
+
+@dataclass(frozen=True, eq=False)
+class GaussianDraw:
+    r"""Dense Gaussian projections: ``matrices`` of shape ``(G, C, k, d)``, i.i.d. :math:`\mathcal{N}(0, 1)` entries.
+
+    Args:
+        matrices: ``(G, C, k, d)``, without gradient.
+
+    Example::
+
+        >>> import torch
+        >>> draw = GaussianDraw.sample((2, 3, 4, 5), torch.Generator().manual_seed(0), torch.device("cpu"))
+        >>> draw.num_sets, draw.d, draw.matrices.shape
+        (2, 5, torch.Size([2, 3, 4, 5]))
+        >>> torch.equal(GaussianDraw.from_state(draw.to_state()).matrices, draw.matrices)
+        True
+    """
+
+    matrices: Tensor
+
+    @classmethod
+    def sample(
+        cls,
+        shape: tuple[int, int, int, int],
+        generator: torch.Generator,
+        device: torch.device,
+        dtype: torch.dtype = torch.float32,
+    ) -> "GaussianDraw":
+        """Draw ``shape = (G, C, k, d)`` standard normal entries from ``generator``, placed on ``device``."""
+        return cls(randn(shape, generator, device, dtype))
+
+    @property
+    def num_sets(self) -> int:
+        """``G``."""
+        return int(self.matrices.shape[0])
+
+    @property
+    def d(self) -> int:
+        """The neuron dimension."""
+        return int(self.matrices.shape[-1])
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """``(G, C, k, d)``."""
+        return tuple(self.matrices.shape)
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the matrices."""
+        return self.matrices.device
+
+    def clone(self) -> "GaussianDraw":
+        """A detached copy."""
+        return GaussianDraw(self.matrices.detach().clone())
+
+    def to(self, device: torch.device) -> "GaussianDraw":
+        """The same draw on ``device``."""
+        return GaussianDraw(self.matrices.to(device))
+
+    def to_state(self) -> Tensor:
+        """The saved form: the matrices themselves (a detached copy)."""
+        return self.matrices.detach().clone()
+
+    @classmethod
+    def from_state(cls, state: Any) -> "GaussianDraw":
+        """Read :meth:`to_state` (a tensor; kept, not copied)."""
+        if not isinstance(state, Tensor):
+            raise ValueError(f"`draw` of a saved GaussianDraw must be a torch.Tensor, got {type(state).__name__}.")
+        return cls(state.detach())
+
+
+@dataclass(frozen=True, eq=False)
+class SRHTDraw:
+    r"""The randomness of ``G`` subsampled randomized Hadamard transforms (``sketch.draw_srht``).
+
+    Args:
+        num_sets: ``G``.
+        d: The neuron dimension (padded to :math:`d' = 2^{\lceil \log_2 d \rceil}` by the transform).
+        signs: ``(G, T, d)`` int8 of ``±1``: the diagonal :math:`D_t` of each of the ``T = ceil(R / d')`` transforms.
+        index: ``(G, R)`` int64: the kept rows among the ``T·d'`` rows of the transforms.
+        device: The device of the tensors (as requested, normalized).
+
+    Example::
+
+        >>> import torch
+        >>> draw = SRHTDraw.sample(1, 6, 5, torch.Generator().manual_seed(0), torch.device("cpu"))
+        >>> draw.signs.shape, draw.index.shape
+        (torch.Size([1, 1, 5]), torch.Size([1, 6]))
+    """
+
+    num_sets: int
+    d: int
+    signs: Tensor
+    index: Tensor
+    device: torch.device
+
+    @classmethod
+    def sample(cls, num_sets: int, rows: int, d: int, generator: torch.Generator, device: torch.device) -> "SRHTDraw":
+        """Draw ``G`` transforms with ``rows = C·k`` rows each from ``generator``, placed on ``device``."""
+        parts = sketch.draw_srht(num_sets, rows, d, generator, device)
+        return cls(num_sets, d, parts["signs"], parts["index"], device)
+
+    def project(self, neurons: Tensor, num: int, dim: int) -> Tensor:
+        """``(G, N, d)`` neurons -> ``(G, C, N, k)`` (:func:`~lightning_comhe.functional.sketch.srht_project`)."""
+        return sketch.srht_project(neurons, self.signs, self.index, num, dim)
+
+    def clone(self) -> "SRHTDraw":
+        """A detached copy."""
+        return dataclasses.replace(self, signs=self.signs.detach().clone(), index=self.index.detach().clone())
+
+    def to(self, device: torch.device) -> "SRHTDraw":
+        """The same draw on ``device``."""
+        return dataclasses.replace(self, signs=self.signs.to(device), index=self.index.to(device), device=device)
+
+    def to_state(self) -> dict[str, Any]:
+        """The saved form: ``{"num_sets", "d", "signs", "index"}`` (detached copies)."""
+        signs, index = self.signs.detach().clone(), self.index.detach().clone()
+        return {"num_sets": self.num_sets, "d": self.d, "signs": signs, "index": index}
+
+    @classmethod
+    def from_state(cls, state: Any) -> "SRHTDraw":
+        """Read :meth:`to_state` (tensors kept, not copied; the device is theirs)."""
+        if not isinstance(state, dict):
+            raise ValueError(f"`draw` of a saved SRHTDraw must be a dict, got {type(state).__name__}.")
+        signs, index = _tensor(state, "signs", "SRHTDraw"), _tensor(state, "index", "SRHTDraw")
+        num_sets, d = _field(state, "num_sets", "SRHTDraw"), _field(state, "d", "SRHTDraw")
+        return cls(num_sets, d, signs, index, normalize_device(signs.device))
+
+
+@dataclass(frozen=True, eq=False)
+class SparseDraw:
+    r"""Very sparse sign matrices (:func:`~lightning_comhe.functional.sketch.draw_sparse`).
+
+    The ``G`` matrices of ``R`` rows have entries :math:`\pm 1/\sqrt{\rho}` on an i.i.d. Bernoulli(:math:`\rho`)
+    support, and zeros elsewhere.
+
+    Args:
+        num_sets: ``G``.
+        d: The neuron dimension.
+        density: :math:`\rho`, the fraction of nonzero entries it was drawn with.
+        pos: int64, the sorted flat positions of the nonzeros in the ``(G, R, d)`` index space.
+        sign: int8 of ``±1``, one per nonzero.
+        device: The device of the tensors (as requested, normalized).
+
+    Example::
+
+        >>> import torch
+        >>> draw = SparseDraw.sample(1, 4, 9, 0.5, torch.Generator().manual_seed(0), torch.device("cpu"))
+        >>> draw.pos.shape == draw.sign.shape, draw.density
+        (True, 0.5)
+    """
+
+    num_sets: int
+    d: int
+    density: float
+    pos: Tensor
+    sign: Tensor
+    device: torch.device
+    _csr: dict[Any, tuple[Tensor, Tensor]] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    @classmethod
+    def sample(
+        cls, num_sets: int, rows: int, d: int, density: float, generator: torch.Generator, device: torch.device
+    ) -> "SparseDraw":
+        """Draw ``G`` matrices of ``rows = C·k`` rows with density ``density`` from ``generator``, on ``device``."""
+        parts = sketch.draw_sparse(num_sets, rows, d, density, generator, device)
+        return cls(num_sets, d, density, parts["pos"], parts["sign"], device)
+
+    def matrices(self, rows: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """The block-diagonal CSR matrix ``P`` and its transpose in ``dtype``, built once per ``(rows, dtype)``."""
+        key = (rows, dtype)
+        mats = self._csr.get(key)
+        if mats is None:
+            mats = sketch.sparse_matrices(self.pos, self.sign, self.num_sets, rows, self.d, self.density, dtype)
+            self._csr.clear()  # one dtype at a time, as training uses one
+            self._csr[key] = mats
+        return mats
+
+    def project(self, neurons: Tensor, num: int, dim: int) -> Tensor:
+        """``(G, N, d)`` neurons -> ``(G, C, N, k)`` (:func:`~lightning_comhe.functional.sketch.sparse_project`)."""
+        p, pt = self.matrices(num * dim, neurons.dtype)
+        return sketch.sparse_project(neurons, p, pt, num, dim)
+
+    def clone(self) -> "SparseDraw":
+        """A detached copy."""
+        return dataclasses.replace(self, pos=self.pos.detach().clone(), sign=self.sign.detach().clone())
+
+    def to(self, device: torch.device) -> "SparseDraw":
+        """The same draw on ``device``."""
+        return dataclasses.replace(self, pos=self.pos.to(device), sign=self.sign.to(device), device=device)
+
+    def to_state(self) -> dict[str, Any]:
+        """The saved form: ``{"num_sets", "d", "density", "pos", "sign"}`` (detached copies)."""
+        return {
+            "num_sets": self.num_sets,
+            "d": self.d,
+            "density": self.density,
+            "pos": self.pos.detach().clone(),
+            "sign": self.sign.detach().clone(),
+        }
+
+    @classmethod
+    def from_state(cls, state: Any) -> "SparseDraw":
+        """Read :meth:`to_state` (tensors kept, not copied; the device is theirs)."""
+        if not isinstance(state, dict):
+            raise ValueError(f"`draw` of a saved SparseDraw must be a dict, got {type(state).__name__}.")
+        pos, sign = _tensor(state, "pos", "SparseDraw"), _tensor(state, "sign", "SparseDraw")
+        num_sets, d = _field(state, "num_sets", "SparseDraw"), _field(state, "d", "SparseDraw")
+        density = _field(state, "density", "SparseDraw")
+        return cls(num_sets, d, density, pos, sign, normalize_device(pos.device))
+
+
+#: Any draw of a :class:`~lightning_comhe.projections.RandomProjection`.
+Draw: TypeAlias = GaussianDraw | SRHTDraw | SparseDraw
+
+#: The draw type of each ``RandomProjection.kind``.
+DRAW_TYPES: dict[str, type[GaussianDraw] | type[SRHTDraw] | type[SparseDraw]] = {
+    "gaussian": GaussianDraw,
+    "sparse": SparseDraw,
+    "srht": SRHTDraw,
+}
+
+
+def draw_from_state(state: Any, kind: str | None = None) -> Draw:
+    """Read a saved draw of any kind: a tensor (Gaussian), or a dict with ``"index"`` (SRHT) or ``"pos"`` (sparse).
+
+    Args:
+        state: The ``"draw"`` entry of a ``RandomProjection.state_dict()``.
+        kind: If given, the ``RandomProjection.kind`` the draw must be of.
+
+    Raises:
+        ValueError: If ``state`` is no saved draw, or not one of ``kind``.
+
+    Example::
+
+        >>> import torch
+        >>> type(draw_from_state(torch.zeros(1, 2, 3, 4))).__name__
+        'GaussianDraw'
+    """
+    if isinstance(state, Tensor):
+        found = "gaussian"
+    elif isinstance(state, dict) and "index" in state:
+        found = "srht"
+    elif isinstance(state, dict) and "pos" in state:
+        found = "sparse"
+    else:
+        raise ValueError(
+            "`draw` must be a saved draw (a tensor, or a dict with 'index' or 'pos'), "
+            f"got {type(state).__name__}{f' with keys {sorted(state)}' if isinstance(state, dict) else ''}."
+        )
+    if kind is not None and found != kind:
+        raise ValueError(f"`draw` must be a saved {kind!r} draw, got a {found!r} one.")
+    return DRAW_TYPES[found].from_state(state)
