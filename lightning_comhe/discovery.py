@@ -6,48 +6,66 @@ imported). :func:`discover_layers` walks ``model.named_modules()`` and returns a
 * **Candidates** are the modules that have a neuron extractor (:mod:`lightning_comhe.neurons`): ``Linear``,
   ``Conv1d/2d/3d``, ``ConvTranspose1d/2d/3d`` (and subclasses, e.g. timm ``Conv2dSame`` and ``StdConv2d``), timm
   ``CondConv2d`` and timm ``MixedConv2d`` (taken as one layer; its child convs are not taken again), plus types added
-  with :func:`~lightning_comhe.neurons.register_extractor`. Only their weight matrices are used, so embeddings,
-  norms, class / register tokens, position embeddings, layer scales and biases are never regularised.
+  with :func:`~lightning_comhe.neurons.register_extractor`; and every weight matrix of ``nn.MultiheadAttention``
+  (``in_proj_weight`` as q / k / v, or the separate ``q_proj_weight`` / ``k_proj_weight`` / ``v_proj_weight``)
+  and of the recurrent layers (each ``weight_ih_l{k}`` / ``weight_hh_l{k}`` as one set per gate), each a layer of
+  its own named ``<module>.<param>``. Only weight matrices are used, so embeddings, norms, class / register tokens,
+  position embeddings, layer scales and biases are never regularised; the trainable tensors with ``ndim >= 2``
+  outside every candidate are listed in :attr:`LayerSelection.not_regularized`.
+* **Parametrized weights** (``torch.nn.utils.parametrizations.weight_norm`` / ``spectral_norm`` and their hook
+  based forms) are regularised through their direction parameter (``v``, or the unnormalised weight), never by
+  evaluating the parametrization (:mod:`lightning_comhe._parametrized`).
 * **Filters**: ``include`` / ``exclude`` regexes are matched with :func:`re.search` against the qualified module
   name. They apply to every layer, the head included.
-* **Head**: the classifier gets ``role="head"`` (the paper gives the last layer its own, uncompressed treatment).
+* **Head**: the classifier gets ``role="head"`` (the paper gives the last layer its own, uncompressed treatment);
+  :func:`find_heads` is the ``head="auto"`` rule.
 * **Fused weights** are split automatically: a ``qkv`` projection of a timm-style attention into ``q``, ``k``,
   ``v`` (``split=3``), ``ParallelScalingBlock.in_proj`` into ``in_split`` parts, and ``GluMlp.fc1`` into its value
   and gate halves (``split=2``).
-* **Skipped** layers are reported with a reason: frozen or uninitialised (lazy) weights, grouped convs when
-  ``grouped="skip"``, weights shared with an earlier layer, and sets with fewer than two neurons (a depthwise conv
-  has one neuron per group, a one-output head has a single neuron): there are no pairs, so there is no energy.
+* **Skipped** layers are reported with a reason: LoRA adapters (``lora_A`` / ``lora_B``, never a head either),
+  weights under another parametrization, frozen or uninitialised (lazy) weights, grouped convs when
+  ``grouped="skip"``, weights shared with an earlier layer (the same parameter object), sets with fewer than two
+  neurons (a depthwise conv has one neuron per group, a one-output head has a single neuron): there are no pairs,
+  so there is no energy; and neurons of dimension ``d = 1`` (``nn.Linear(1, H)``, a 1×1 conv on one channel per
+  group), which are all collinear, so the energy is about ``1/eps`` and only inflates the weights.
+
+This module is the public API; the walk and the skip rules are in :mod:`lightning_comhe._walk`, the head rule in
+:mod:`lightning_comhe._heads` and the detection of fused projections in :mod:`lightning_comhe._fused`. The
+arguments are checked by :class:`~lightning_comhe.config.SelectionConfig`.
 """
 
 from __future__ import annotations
 
-import difflib
-import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
 
 from torch import Tensor, nn
-from torch.nn.parameter import is_lazy
 
-from lightning_comhe.neurons import (
-    STD_CONV_MODES,
-    Split,
-    StdConvMode,
-    _lookup,
-    _neuron_set_shapes,
-    _timm_classes,
-    extract_neuron_sets,
+from lightning_comhe._extractors import check_module
+from lightning_comhe._fused import fused_split, neuron_set_shapes
+from lightning_comhe._heads import auto_heads, named_heads
+from lightning_comhe._parts import part_sets, part_shapes
+from lightning_comhe._walk import (
+    Candidate,
+    candidates,
+    compile_patterns,
+    listing,
+    selected,
+    size_reason,
+    skip_reason,
+    unregularized,
+    weights_of,
 )
+from lightning_comhe.config import Grouped, SelectionConfig
+from lightning_comhe.neurons import STD_CONV_MODES as STD_CONV_MODES  # re-exported: importable from here as before
+from lightning_comhe.neurons import Split as Split
+from lightning_comhe.neurons import StdConvMode, extract_neuron_sets
 
-__all__ = ["discover_layers", "LayerSelection", "NeuronLayer"]
+__all__ = ["LayerSelection", "NeuronLayer", "Role", "discover_layers", "find_heads"]
 
 Role = Literal["hidden", "head"]
 
-# Attributes of attention modules whose ``qkv`` is not three equal, contiguous [q; k; v] blocks (per-head
-# interleaved or with different key / value widths: timm EfficientFormer, TinyViT, LeViT, BottleneckAttn, GCViT).
-_ASYMMETRIC_QKV_ATTRS = ("key_dim", "val_dim", "key_attn_dim", "val_attn_dim", "dim_out_qk", "dim_out_v", "use_global")
-_MAX_LISTED = 10
 _MAX_SKIPS_IN_SUMMARY = 5
 
 
@@ -62,6 +80,8 @@ class NeuronLayer:
         split: How the neuron axis is split into independent sets (see
             :func:`~lightning_comhe.neurons.extract_neuron_sets`).
         std_conv: ``"raw"`` or ``"standardized"`` weight for timm weight-standardised convs.
+        param: For a module with several weight matrices (``nn.MultiheadAttention``, ``nn.LSTM``, ...): the one
+            this layer is (``"in_proj_weight"``, ``"weight_hh_l0"``, ...), cut by ``split``; ``None`` otherwise.
 
     Example::
 
@@ -78,10 +98,17 @@ class NeuronLayer:
     role: Role = "hidden"
     split: int | list[int] | None = None
     std_conv: StdConvMode = "raw"
+    param: str | None = None
 
     def neuron_sets(self) -> list[Tensor]:
         """Return the live ``(S, N, d)`` neuron sets (differentiable; gathers FSDP2 ``DTensor`` weights)."""
+        if self.param is not None:
+            return part_sets(self.module, self.param, self.split)  # type: ignore[arg-type]
         return extract_neuron_sets(self.module, split=self.split, std_conv=self.std_conv)
+
+    def weights(self) -> list[Tensor]:
+        """Return the tensors the neurons are read from: the weight, its direction parameter or the weight matrix."""
+        return weights_of(Candidate(self.name, self.module, self.param)).sources
 
     def shapes(self) -> list[tuple[int, int, int]]:
         """Return ``(S, N, d)`` of every tensor of :meth:`neuron_sets`.
@@ -90,7 +117,9 @@ class NeuronLayer:
         ``groups``, ...), so it is cheap and gives the full shapes even when the weight is an FSDP2 shard; for
         user-registered types the sets are extracted under ``torch.no_grad()``.
         """
-        return _neuron_set_shapes(self.module, split=self.split, std_conv=self.std_conv)
+        if self.param is not None:
+            return part_shapes(self.module, self.param, self.split)  # type: ignore[arg-type]
+        return neuron_set_shapes(self.module, split=self.split, std_conv=self.std_conv)
 
     @property
     def num_neurons(self) -> int:
@@ -111,10 +140,14 @@ class LayerSelection:
         layers: The regularised layers, in ``named_modules()`` order.
         skipped: ``(name, reason)`` for candidate layers that passed ``include`` / ``exclude`` but are not
             regularised.
+        not_regularized: ``(parameter name, reason)`` for the trainable tensors with ``ndim >= 2`` that belong to
+            no candidate layer: embeddings, class / register tokens, position embeddings, LoRA parameters, weights of
+            module types without an extractor. Out of scope by design; listed so that nothing is left out silently.
     """
 
     layers: list[NeuronLayer] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    not_regularized: list[tuple[str, str]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -151,221 +184,102 @@ class LayerSelection:
             f"({neurons:,} neuron{'s' if neurons != 1 else ''} in {sets:,} set{'s' if sets != 1 else ''}); "
             f"head: {heads}; skipped {len(self.skipped):,}"
         )
-        if self.skipped:
-            shown = [f"{name or '<root>'} ({reason})" for name, reason in self.skipped[:_MAX_SKIPS_IN_SUMMARY]]
-            more = len(self.skipped) - len(shown)
-            text += ": " + ", ".join(shown) + (f", … and {more:,} more" if more else "")
+        text += _entries(self.skipped)
+        if self.not_regularized:
+            text += f"; not regularized {len(self.not_regularized):,}" + _entries(self.not_regularized)
         return text
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# helpers
-# ----------------------------------------------------------------------------------------------------------------
-def _compile(patterns: str | Sequence[str] | None, arg: str) -> list[re.Pattern[str]] | None:
-    if patterns is None:
-        return None
-    items = [patterns] if isinstance(patterns, str) else patterns
-    if not isinstance(items, Sequence) or not all(isinstance(p, str) for p in items):
-        raise TypeError(f"Expected argument `{arg}` to be a regex string or a list of them, but got {patterns!r}.")
-    compiled = []
-    for pattern in items:
-        try:
-            compiled.append(re.compile(pattern))
-        except re.error as err:
-            raise ValueError(f"Argument `{arg}` has an invalid regular expression {pattern!r}: {err}.") from err
-    return compiled
-
-
-def _selected(name: str, include: list[re.Pattern[str]] | None, exclude: list[re.Pattern[str]] | None) -> bool:
-    if include is not None and not any(p.search(name) for p in include):
-        return False
-    return not (exclude is not None and any(p.search(name) for p in exclude))
-
-
-def _under(name: str, prefix: str) -> bool:
-    """Whether ``name`` is a strict descendant of the module named ``prefix``."""
-    return name != prefix and (prefix == "" or name.startswith(prefix + "."))
-
-
-def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    owned: list[str] = []
-    out: list[tuple[str, nn.Module]] = []
-    for name, module in model.named_modules():
-        if any(_under(name, p) for p in owned):
-            continue
-        entry = _lookup(module)
-        if entry is None:
-            continue
-        out.append((name, module))
-        if entry.owns_children:
-            owned.append(name)
-    return out
-
-
-def _resolve(name: str, modules: dict[str, nn.Module], candidates: list[tuple[str, nn.Module]]) -> str | None:
-    """The candidate named ``name`` or else the last candidate inside it (e.g. ``head`` -> ``head.fc``)."""
-    if name not in modules:
-        return None
-    inside = [c for c, _ in candidates if c == name or _under(c, name)]
-    if name in inside:
-        return name
-    return inside[-1] if inside else None
-
-
-def _auto_heads(model: nn.Module, candidates: list[tuple[str, nn.Module]]) -> list[str]:
-    modules = dict(model.named_modules())
-    names_by_id = {id(m): n for n, m in modules.items()}
-    roots = []  # outermost timm-style models (the root, or e.g. `self.model` of a LightningModule)
-    for name, module in modules.items():
-        if callable(getattr(module, "get_classifier", None)) and not any(_under(name, r) for r in roots):
-            roots.append(name)
-    if not roots:
-        linears = [n for n, m in candidates if isinstance(m, nn.Linear)]
-        return linears[-1:]
-    heads: list[str] = []
-    for root in roots:
-        found: list[str] = []
-        try:
-            classifier = modules[root].get_classifier()
-        except (AttributeError, TypeError, NotImplementedError):
-            classifier = None
-        items = classifier if isinstance(classifier, (tuple, list)) else [classifier]
-        for item in items:
-            if isinstance(item, nn.Module) and id(item) in names_by_id:
-                resolved = _resolve(names_by_id[id(item)], modules, candidates)
-                if resolved is not None:
-                    found.append(resolved)
-        if not found:
-            cfg = getattr(modules[root], "pretrained_cfg", None) or getattr(modules[root], "default_cfg", None)
-            cfg_names = cfg.get("classifier") if isinstance(cfg, dict) else None
-            cfg_names = [cfg_names] if isinstance(cfg_names, str) else list(cfg_names or [])
-            for cfg_name in cfg_names:
-                resolved = _resolve(f"{root}.{cfg_name}" if root else cfg_name, modules, candidates)
-                if resolved is not None:
-                    found.append(resolved)
-        heads.extend(n for n in found if n not in heads)
-    return heads
-
-
-def _named_heads(head: str | Sequence[str], model: nn.Module, candidates: list[tuple[str, nn.Module]]) -> list[str]:
-    names = [head] if isinstance(head, str) else list(head)
-    modules = dict(model.named_modules())
-    heads = []
-    for name in names:
-        if not isinstance(name, str):
-            raise TypeError(f"Expected argument `head` to be 'auto', None or module name(s), but got {head!r}.")
-        if name not in modules:
-            close = difflib.get_close_matches(name, list(modules), n=5, cutoff=0.5)
-            hint = f" Close names: {', '.join(close)}." if close else ""
-            raise ValueError(f"Argument `head` names no module of the model: {name!r}.{hint}")
-        resolved = _resolve(name, modules, candidates)
-        if resolved is None:
-            raise ValueError(
-                f"Argument `head` names module {name!r} ({type(modules[name]).__name__}), which has no weight "
-                "matrix CoMHE can regularise."
-            )
-        heads.append(resolved)
-    return heads
-
-
-def _groups(module: nn.Module) -> tuple[int, bool]:
-    """``(groups, depthwise)`` of a (possibly mixed) conv; ``(1, False)`` for other layers."""
-    mixed = _timm_classes("MixedConv2d")
-    if mixed and isinstance(module, mixed):
-        info = [_groups(child) for child in module.children()]
-        return max((g for g, _ in info), default=1), bool(info) and all(dw for _, dw in info)
-    groups = getattr(module, "groups", 1)
-    groups = groups if isinstance(groups, int) else 1
-    return groups, groups > 1 and groups == getattr(module, "in_channels", None)
-
-
-def _weights(module: nn.Module) -> list[Tensor]:
-    weight = getattr(module, "weight", None)
-    if isinstance(weight, Tensor):
-        return [weight]
-    return list(module.parameters())
-
-
-def _fused_split(model_modules: dict[str, nn.Module], name: str, module: nn.Module, num: int) -> Split:
-    """Detect fused projections from the parent module (``num`` = neurons per unsplit set)."""
-    if not name:
-        return None
-    parent_name, _, attr = name.rpartition(".")
-    parent = model_modules.get(parent_name)
-    if parent is None or getattr(parent, attr, None) is not module:
-        return None
-    if attr == "qkv":
-        if any(getattr(parent, a, None) for a in _ASYMMETRIC_QKV_ATTRS):
-            return None
-        heads, head_dim = getattr(parent, "num_heads", None), getattr(parent, "head_dim", None)
-        if isinstance(heads, int) and isinstance(head_dim, int) and 3 * heads * head_dim != num:
-            return None
-        return 3 if num % 3 == 0 else None
-    in_split = getattr(parent, "in_split", None)
-    if attr == "in_proj" and isinstance(in_split, (list, tuple)) and sum(in_split) == num:
-        return [int(s) for s in in_split]
-    glu = _timm_classes("GluMlp")
-    is_glu = bool(glu) and isinstance(parent, glu)
-    is_glu = is_glu or (hasattr(parent, "gate_last") and hasattr(parent, "chunk_dim"))
-    if attr == "fc1" and is_glu and getattr(parent, "chunk_dim", -1) in (1, -1) and num % 2 == 0:
-        return 2
-    return None
-
-
-def _skip_reason(module: nn.Module, grouped: str, seen: dict[int, str]) -> str | None:
-    weights = _weights(module)
-    if not weights:
-        return "no parameters"
-    if any(is_lazy(w) for w in weights):
-        return "uninitialized lazy parameter"
-    if not any(w.requires_grad for w in weights):
-        return "frozen weight (requires_grad=False)"
-    for w in weights:
-        if id(w) in seen:
-            return f"weight shared with {seen[id(w)] or '<root>'}"
-    groups, depthwise = _groups(module)
-    kind = "depthwise conv" if depthwise else "grouped conv"
-    if groups > 1 and grouped == "skip":
-        return f"{kind} (groups={groups}), grouped='skip'"
-    return None
-
-
-def _size_reason(module: nn.Module, role: Role, shapes: list[tuple[int, int, int]]) -> str | None:
-    if all(n >= 2 for _, n, _ in shapes):
-        return None
-    groups, depthwise = _groups(module)
-    if groups > 1:
-        detail = "depthwise conv" if depthwise else "grouped conv"
-    else:
-        detail = "1-output head" if role == "head" else "1 output"
-    return f"1 neuron per set ({detail})"
-
-
-def _listing(names: list[str]) -> str:
-    shown = ", ".join(n or "<root>" for n in names[:_MAX_LISTED])
-    more = len(names) - _MAX_LISTED
-    return shown + (f", … and {more} more" if more > 0 else "")
+def _entries(entries: list[tuple[str, str]]) -> str:
+    """``": a (why), b (why), … and 3 more"`` (empty for no entries)."""
+    if not entries:
+        return ""
+    shown = [f"{name or '<root>'} ({reason})" for name, reason in entries[:_MAX_SKIPS_IN_SUMMARY]]
+    more = len(entries) - len(shown)
+    return ": " + ", ".join(shown) + (f", … and {more:,} more" if more else "")
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # public API
 # ----------------------------------------------------------------------------------------------------------------
+def find_heads(model: nn.Module) -> list[str]:
+    """Return the qualified names of the layers ``head="auto"`` makes the head, in ``named_modules()`` order per root.
+
+    Every outermost timm-style model (a module with a callable ``get_classifier()`` that is not inside another one:
+    the root, or e.g. the ``self.model`` of a ``LightningModule``; each of several models side by side) contributes
+    the layer(s) its ``get_classifier()`` returns, else its ``pretrained_cfg["classifier"]`` name(s); a headless timm
+    model (``num_classes=0``) contributes none. Without any timm-style module the head is the last ``nn.Linear``. A
+    head that is a container resolves to the last candidate layer inside it. A LoRA adapter (``lora_A`` /
+    ``lora_B``) is never the head. ``include`` / ``exclude`` and the skip rules of :func:`discover_layers` are not
+    applied here.
+
+    Args:
+        model: The model.
+
+    Returns:
+        The names in ``model.named_modules()`` (``[]`` if there is no head).
+
+    Raises:
+        TypeError: If ``model`` is not an ``nn.Module``.
+
+    Example::
+
+        >>> from torch import nn
+        >>> find_heads(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)))
+        ['2']
+        >>> class Net(nn.Module):  # timm style
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.body, self.fc = nn.Linear(4, 8), nn.Linear(8, 3)
+        ...     def get_classifier(self):
+        ...         return self.fc
+        >>> class Ensemble(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.a, self.b, self.mix = Net(), Net(), nn.Linear(6, 3)
+        >>> find_heads(Ensemble())
+        ['a.fc', 'b.fc']
+    """
+    check_module("model", model)
+    return auto_heads(model, candidates(model))
+
+
+_DEFAULTS = {f.name: f.default for f in fields(SelectionConfig)}
+
+
+def _selection_config(config: SelectionConfig | None, **kwargs: Any) -> SelectionConfig:
+    """Build (and so validate) the config from the keywords, or check that ``config`` comes alone."""
+    if config is None:
+        return SelectionConfig(**kwargs)
+    if not isinstance(config, SelectionConfig):
+        raise TypeError(f"`config` must be a SelectionConfig or None, got {type(config).__name__}.")
+    given = [f"{k}={v!r}" for k, v in kwargs.items() if v != _DEFAULTS[k]]
+    if given:
+        raise ValueError(
+            "`config` must be the only selection argument (not with include, exclude, head, grouped or std_conv), "
+            f"got config={config!r} and {', '.join(given)}."
+        )
+    return config
+
+
 def discover_layers(
     model: nn.Module,
     *,
     include: str | Sequence[str] | None = None,
     exclude: str | Sequence[str] | None = None,
     head: str | Sequence[str] | None = "auto",
-    grouped: Literal["per_group", "skip"] = "per_group",
+    grouped: Grouped = "per_group",
     std_conv: StdConvMode = "raw",
+    config: SelectionConfig | None = None,
 ) -> LayerSelection:
     """Select the layers of ``model`` whose neurons CoMHE regularises.
 
-    Head rules (``head="auto"``): for timm models (any module with ``get_classifier()``, the outermost one(s) when a
-    timm model is wrapped, e.g. in a ``LightningModule``) the module(s) ``get_classifier()`` returns, else the
-    ``pretrained_cfg["classifier"]`` name(s); a headless timm model (``num_classes=0``, ``get_classifier()`` is
-    ``nn.Identity``) has no head. For other models the head is the last ``nn.Linear`` in ``named_modules()`` order.
-    A head that is a container (e.g. LeViT's ``NormLinear``) resolves to the last candidate layer inside it.
+    Head rules (``head="auto"``, :func:`find_heads`): for timm models (any module with ``get_classifier()``, the
+    outermost one(s) when a timm model is wrapped, e.g. in a ``LightningModule``, or several side by side) the
+    module(s) ``get_classifier()`` returns, else the ``pretrained_cfg["classifier"]`` name(s); a headless timm model
+    (``num_classes=0``, ``get_classifier()`` is ``nn.Identity``) has no head. For other models the head is the last
+    ``nn.Linear`` in ``named_modules()`` order. A head that is a container (e.g. LeViT's ``NormLinear``) resolves to
+    the last candidate layer inside it. LoRA adapters (``lora_A`` / ``lora_B``) are never the head.
 
     Args:
         model: The model.
@@ -379,14 +293,18 @@ def discover_layers(
             fewer than two neurons (depthwise convs without channel multiplier, one-output heads) are skipped.
         std_conv: ``"raw"`` (default) or ``"standardized"`` weight of timm weight-standardised convs, see
             :func:`~lightning_comhe.neurons.extract_neuron_sets`.
+        config: The five arguments above as one :class:`~lightning_comhe.config.SelectionConfig`, instead of the
+            keywords (which must then keep their defaults).
 
     Returns:
         The selected layers (``named_modules()`` order) and the skipped candidates with their reasons. Candidates
         filtered out by ``include`` / ``exclude`` are not listed as skipped.
 
     Raises:
-        ValueError: If a regex is invalid, ``head`` names no (usable) module, ``grouped`` or ``std_conv`` is invalid,
-            or no layer is selected.
+        TypeError: If ``model`` is not an ``nn.Module`` or ``config`` not a ``SelectionConfig``.
+        ValueError: If an argument is invalid (a regex, ``head``, ``grouped``, ``std_conv``; see
+            :class:`~lightning_comhe.config.SelectionConfig`), ``head`` names no (usable) module, ``config`` comes
+            with a keyword that is not at its default, or no layer is selected.
 
     Example::
 
@@ -397,53 +315,52 @@ def discover_layers(
         [('2', 'hidden'), ('4', 'head')]
         >>> selection.summary()
         'CoMHE regularizes 2 layers (11 neurons in 2 sets); head: 4; skipped 0'
+        >>> discover_layers(model, config=SelectionConfig(exclude=r"^0$", head="2")).names
+        ['2', '4']
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"Expected argument `model` to be an nn.Module, but got {type(model).__name__}.")
-    if grouped not in ("per_group", "skip"):
-        raise ValueError(f"Expected argument `grouped` to be 'per_group' or 'skip', but got {grouped!r}.")
-    if std_conv not in STD_CONV_MODES:
-        raise ValueError(f"Expected argument `std_conv` to be one of {STD_CONV_MODES}, but got {std_conv!r}.")
-    include_re = _compile(include, "include")
-    exclude_re = _compile(exclude, "exclude")
+    check_module("model", model)
+    cfg = _selection_config(config, include=include, exclude=exclude, head=head, grouped=grouped, std_conv=std_conv)
+    include_re = compile_patterns(cfg.include)
+    exclude_re = compile_patterns(cfg.exclude)
 
-    candidates = _candidates(model)
-    if head is None:
+    found = candidates(model)
+    if cfg.head is None:
         head_names: list[str] = []
-    elif head == "auto":
-        head_names = _auto_heads(model, candidates)
+    elif cfg.head == "auto":
+        head_names = auto_heads(model, found)
     else:
-        head_names = _named_heads(head, model, candidates)
+        head_names = named_heads(cfg.head, model, found)
 
     modules = dict(model.named_modules())
-    selection = LayerSelection()
+    selection = LayerSelection(not_regularized=unregularized(model, found))
     seen: dict[int, str] = {}
-    for name, module in candidates:
-        if not _selected(name, include_re, exclude_re):
+    for candidate in found:
+        name, module = candidate.name, candidate.module
+        if not selected(name, include_re, exclude_re):
             continue
         role: Role = "head" if name in head_names else "hidden"
-        layer = NeuronLayer(name, module, role, None, std_conv)
-        reason = _skip_reason(module, grouped, seen)
+        layer = NeuronLayer(name, module, role, candidate.split, cfg.std_conv, candidate.param)
+        reason = skip_reason(candidate, cfg.grouped, seen)
         if reason is None:
             base = layer.shapes()
-            if len({n for _, n, _ in base}) == 1:
-                layer.split = _fused_split(modules, name, module, base[0][1])
-            reason = _size_reason(module, role, layer.shapes())
+            if candidate.param is None and len({n for _, n, _ in base}) == 1:
+                layer.split = fused_split(modules, name, module, base[0][1])
+            reason = size_reason(candidate, role, layer.shapes(), cfg.std_conv)
         if reason is not None:
             selection.skipped.append((name, reason))
             continue
-        for w in _weights(module):
+        for w in weights_of(candidate).identity:
             seen[id(w)] = name
         selection.layers.append(layer)
 
     if not selection.layers:
-        names = [n for n, _ in candidates]
+        names = [c.name for c in found]
         msg = (
-            f"No layer selected for CoMHE with include={include!r}, exclude={exclude!r}, grouped={grouped!r}. "
-            f"The model has {len(names)} candidate layers"
+            f"No layer selected for CoMHE with include={cfg.include!r}, exclude={cfg.exclude!r}, "
+            f"grouped={cfg.grouped!r}. The model has {len(names)} candidate layers"
         )
-        msg += f": {_listing(names)}." if names else " (no Linear / Conv / ConvTranspose / CondConv2d / MixedConv2d)."
+        msg += f": {listing(names)}." if names else " (no Linear / Conv / ConvTranspose / CondConv2d / MixedConv2d)."
         if selection.skipped:
-            msg += " Skipped: " + _listing([f"{n or '<root>'} ({r})" for n, r in selection.skipped]) + "."
+            msg += " Skipped: " + listing([f"{n or '<root>'} ({r})" for n, r in selection.skipped]) + "."
         raise ValueError(msg)
     return selection

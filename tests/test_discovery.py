@@ -1,12 +1,16 @@
+import dataclasses
 import doctest
+import inspect
 import re
 
 import pytest
 import torch
 from torch import nn
 
-from lightning_comhe import discovery, neurons
-from lightning_comhe.discovery import LayerSelection, NeuronLayer, discover_layers
+from lightning_comhe import _fused, _heads, _walk, discovery, neurons
+from lightning_comhe.config import SelectionConfig
+from lightning_comhe.discovery import LayerSelection, NeuronLayer, discover_layers, find_heads
+from tests.helpers_layers import scratch_registry as scratch_registry  # a fixture: the alias keeps it a re-export
 
 timm = pytest.importorskip("timm")
 from timm.layers import MixedConv2d  # noqa: E402
@@ -66,9 +70,9 @@ def test_grouped_skip_policy():
         "dw": "depthwise conv (groups=8), grouped='skip'",
         "grouped": "grouped conv (groups=4), grouped='skip'",
     }
-    with pytest.raises(ValueError, match="grouped"):
+    with pytest.raises(ValueError, match=re.escape("`grouped` must be one of 'per_group', 'skip', got 'flatten'.")):
         discover_layers(SmallCNN(), grouped="flatten")
-    with pytest.raises(ValueError, match="std_conv"):
+    with pytest.raises(ValueError, match=re.escape("`std_conv` must be one of 'raw', 'standardized', got 'whiten'.")):
         discover_layers(SmallCNN(), std_conv="whiten")
 
 
@@ -87,9 +91,10 @@ def test_include_exclude_regexes():
 
 @pytest.mark.parametrize("arg", ["include", "exclude"])
 def test_bad_regex_raises(arg):
-    with pytest.raises(ValueError, match=f"`{arg}`.*'fc\\('"):
+    with pytest.raises(ValueError, match=re.escape(f"`{arg}` must hold valid regular expressions, got 'fc(' (")):
         discover_layers(SmallCNN(), **{arg: ["ok", "fc("]})
-    with pytest.raises(TypeError, match=arg):
+    allowed = "a regex string, a list of regex strings or None"
+    with pytest.raises(ValueError, match=re.escape(f"`{arg}` must be {allowed}, got [3].")):
         discover_layers(SmallCNN(), **{arg: [3]})
 
 
@@ -119,10 +124,20 @@ def test_head_by_name_and_none():
     assert [h.name for h in sel.heads] == ["fc1", "fc2"]
     sel = discover_layers(model, head=None)
     assert all(layer.role == "hidden" for layer in sel) and _names(sel)[-1] == "fc2"
-    with pytest.raises(ValueError, match="fc3.*Close names: fc1, fc2|fc3.*Close names: fc2, fc1"):
+    with pytest.raises(
+        ValueError, match=r"^`head` must name a module of the model, got 'fc3'\. Close names: (fc1, fc2|fc2, fc1)\.$"
+    ):
         discover_layers(model, head="fc3")
-    with pytest.raises(ValueError, match="norm"):
+    with pytest.raises(ValueError, match=r"^`head` must name a module of the model, got 'zzz'\.$"):
+        discover_layers(model, head=["fc1", "zzz"])
+    no_weight = "`head` must name a module with a weight matrix CoMHE can regularize, got 'norm' (LayerNorm)."
+    with pytest.raises(ValueError, match=re.escape(no_weight)):
         discover_layers(model, head="norm")  # exists, but no weight matrix
+    allowed = "'auto', a module name, a list of module names or None"
+    for bad in ([3], 3, ["fc1", 2]):
+        with pytest.raises(ValueError, match=re.escape(f"`head` must be {allowed}, got {bad!r}.")):
+            discover_layers(model, head=bad)
+    assert discover_layers(model, head=[]).heads == []  # an empty list names no head, as None does
     # a container resolves to the last candidate inside it
     container = nn.Sequential(nn.Linear(4, 8), nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 6)))
     assert [h.name for h in discover_layers(container, head="1").heads] == ["1.1"]
@@ -167,8 +182,9 @@ def test_summary_counts_and_truncation():
     expected_sets = sum(t.shape[0] for layer in sel for t in layer.neuron_sets())
     assert sel.summary() == (
         f"CoMHE regularizes 5 layers ({expected_neurons} neurons in {expected_sets} sets); head: fc2; "
-        "skipped 1: dw (1 neuron per set (depthwise conv))"
+        "skipped 1: dw (1 neuron per set (depthwise conv)); not regularized 1: emb.weight (embedding table)"
     )
+    assert sel.not_regularized == [("emb.weight", "embedding table")]
     assert expected_neurons == 8 + 16 + 16 + 32 + 5 and expected_sets == 1 + 1 + 4 + 1 + 1
     many = nn.Sequential(*[nn.Conv2d(4, 4, 1, groups=4) for _ in range(8)], nn.Linear(4, 4), nn.Linear(4, 4))
     text = discover_layers(many).summary()
@@ -179,12 +195,13 @@ def test_summary_counts_and_truncation():
 
 
 def test_model_type_error():
-    with pytest.raises(TypeError, match="nn.Module"):
+    with pytest.raises(TypeError, match=re.escape("`model` must be an nn.Module, got str.")):
         discover_layers("resnet18")
+    with pytest.raises(TypeError, match=re.escape("`model` must be an nn.Module, got str.")):
+        find_heads("resnet18")
 
 
-def test_user_registered_container(monkeypatch):
-    monkeypatch.setattr(neurons, "_REGISTRY", dict(neurons._REGISTRY))
+def test_user_registered_container(scratch_registry):
 
     class Experts(nn.Module):
         def __init__(self):
@@ -198,8 +215,9 @@ def test_user_registered_container(monkeypatch):
     assert sel.layers[0].shapes() == [(3, 6, 4)]
 
 
-def test_doctests():
-    results = doctest.testmod(discovery, raise_on_error=False)
+@pytest.mark.parametrize("module", [discovery, _walk, _heads], ids=lambda m: m.__name__)
+def test_doctests(module):
+    results = doctest.testmod(module, raise_on_error=False)
     assert results.attempted > 0 and results.failed == 0
 
 
@@ -244,6 +262,7 @@ def test_timm_models(name):
     # the head is get_classifier()
     heads = sel.heads
     assert len(heads) == 1 and heads[0].module is model.get_classifier()
+    assert find_heads(model) == [heads[0].name]
     assert heads[0].shapes()[0][:2] == (1, 7)
 
     # only weight matrices of Linear / Conv-like layers; no norms, embeddings, tokens, biases
@@ -314,33 +333,10 @@ def test_timm_specific_layer_handling():
     torch.testing.assert_close(sets.mean(-1), torch.zeros_like(sets.mean(-1)), atol=1e-5, rtol=0)
 
 
-def test_timm_fused_projections_detected():
-    from timm.layers import SwiGLUPacked
-    from timm.models.vision_transformer import ParallelScalingBlock, VisionTransformer
-
-    small = {"img_size": 16, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2, "num_classes": 5}
-    parallel = VisionTransformer(block_fn=ParallelScalingBlock, **small)
-    layer = next(layer for layer in discover_layers(parallel) if layer.name == "blocks.0.in_proj")
-    assert layer.split == [128, 32, 32, 32]
-    assert layer.shapes() == [(1, 128, 32), (3, 32, 32)]
-
-    glu = VisionTransformer(mlp_layer=SwiGLUPacked, mlp_ratio=4, **small)
-    sel = discover_layers(glu)
-    assert {layer.name: layer.split for layer in sel}["blocks.0.mlp.fc1"] == 2
-    assert {layer.name: layer.split for layer in sel}["blocks.0.attn.qkv"] == 3
-    assert {layer.name: layer.split for layer in sel}["blocks.0.mlp.fc2"] is None
-
-
-def test_timm_asymmetric_qkv_not_split():
-    model = timm.create_model("efficientformer_l1", pretrained=False, num_classes=7, device="meta")
-    qkv = [layer for layer in discover_layers(model) if layer.name.endswith(".qkv")]
-    assert qkv and all(layer.split is None for layer in qkv)
-
-
 def test_timm_headless_wrapped_and_distilled():
     headless = timm.create_model("resnet18", pretrained=False, num_classes=0)
     sel = discover_layers(headless)
-    assert sel.heads == [] and "head: none" in sel.summary()
+    assert sel.heads == [] and "head: none" in sel.summary() and find_heads(headless) == []
     assert _names(sel)[-1] != "fc"
 
     class Wrapper(nn.Module):  # e.g. a LightningModule holding a timm model
@@ -357,3 +353,137 @@ def test_timm_headless_wrapped_and_distilled():
     assert [h.name for h in discover_layers(deit).heads] == ["head", "head_dist"]
     levit = timm.create_model("levit_128s", pretrained=False, num_classes=7, device="meta")
     assert [h.name for h in discover_layers(levit).heads] == ["head.linear", "head_dist.linear"]
+
+
+# ------------------------------------------------------------------------------------------------ head rule
+class _TimmStyle(nn.Module):
+    """A tiny timm-style model: ``get_classifier()`` returns its head."""
+
+    def __init__(self, num_classes=3):
+        super().__init__()
+        self.body = nn.Linear(4, 8)
+        self.fc = nn.Linear(8, num_classes)
+
+    def get_classifier(self):
+        return self.fc
+
+
+def test_find_heads_plain_models():
+    assert find_heads(SmallCNN()) == ["fc2"]
+    assert find_heads(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten())) == []
+    # a container head resolves to the last candidate inside it; no filters or skip rules apply
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 1))
+    assert find_heads(model) == ["1"]
+    assert (
+        discover_layers(model).heads == []
+        and ("1", "1 neuron per set (1-output head)") in discover_layers(model).skipped
+    )
+
+
+def test_find_heads_every_outermost_root_side_by_side():
+    class Pair(nn.Module):  # e.g. a LightningModule holding a student and a teacher
+        def __init__(self):
+            super().__init__()
+            self.student = _TimmStyle()
+            self.teacher = _TimmStyle(num_classes=5)
+            self.fuse = nn.Linear(8, 8)
+
+    model = Pair()
+    assert find_heads(model) == ["student.fc", "teacher.fc"]
+    sel = discover_layers(model)
+    assert [h.name for h in sel.heads] == ["student.fc", "teacher.fc"]
+    assert {layer.name: layer.role for layer in sel} == {
+        "student.body": "hidden",
+        "student.fc": "head",
+        "teacher.body": "hidden",
+        "teacher.fc": "head",
+        "fuse": "hidden",
+    }
+    # the head filter still applies per layer
+    assert [h.name for h in discover_layers(model, exclude="teacher").heads] == ["student.fc"]
+
+
+def test_find_heads_two_real_timm_models_side_by_side():
+    class Ensemble(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cnn = timm.create_model("resnet18", pretrained=False, num_classes=7, device="meta")
+            self.vit = timm.create_model(
+                "vit_tiny_patch16_224", pretrained=False, num_classes=7, img_size=32, patch_size=4, device="meta"
+            )
+
+    model = Ensemble()
+    assert find_heads(model) == ["cnn.fc", "vit.head"]
+    sel = discover_layers(model)
+    assert [h.name for h in sel.heads] == ["cnn.fc", "vit.head"]
+    assert [h.module for h in sel.heads] == [model.cnn.get_classifier(), model.vit.get_classifier()]
+
+
+def test_find_heads_only_outermost_roots_and_cfg_fallback():
+    class Outer(_TimmStyle):  # a timm-style model holding another one: only the outer classifier is the head
+        def __init__(self):
+            super().__init__()
+            self.inner = _TimmStyle()
+
+    assert find_heads(Outer()) == ["fc"]
+
+    class Broken(_TimmStyle):  # get_classifier() fails: the pretrained_cfg names the classifier
+        pretrained_cfg = {"classifier": "body"}
+
+        def get_classifier(self):
+            raise NotImplementedError
+
+    assert find_heads(Broken()) == ["body"]
+    wrapped = nn.Sequential(Broken())
+    assert find_heads(wrapped) == ["0.body"]
+    Broken.pretrained_cfg = {"classifier": ["fc", "missing"]}
+    assert find_heads(Broken()) == ["fc"]
+    Broken.pretrained_cfg = {}
+    assert find_heads(Broken()) == []
+
+
+def test_find_heads_is_what_auto_selects():
+    for model in (SmallCNN(), timm.create_model("resnet18", pretrained=False, num_classes=7, device="meta")):
+        assert find_heads(model) == [h.name for h in discover_layers(model).heads]
+        assert find_heads(model) == _heads.auto_heads(model, _walk.candidates(model))
+
+
+# ------------------------------------------------------------------------------------------------ config
+def test_config_is_an_alternative_to_the_keywords():
+    model = SmallCNN()
+    kwargs = {"include": [r"^fc", "grouped"], "exclude": "2$", "head": "fc1", "grouped": "skip", "std_conv": "raw"}
+    by_keywords = discover_layers(model, **kwargs)
+    by_config = discover_layers(model, config=SelectionConfig(**kwargs))
+    assert by_config.names == by_keywords.names == ["fc1"]
+    assert by_config.skipped == by_keywords.skipped == [("grouped", "grouped conv (groups=4), grouped='skip'")]
+    assert [h.name for h in by_config.heads] == ["fc1"]
+    # keywords at their defaults may come with a config
+    assert discover_layers(model, head="auto", grouped="per_group", config=SelectionConfig(head=None)).heads == []
+    with pytest.raises(ValueError, match="include='nomatch', exclude=None, grouped='skip'"):
+        discover_layers(model, config=SelectionConfig(include="nomatch", grouped="skip"))
+
+
+def test_config_and_keywords_together_raise():
+    config = SelectionConfig(include="fc")
+    with pytest.raises(ValueError, match=r"^`config` must be the only selection argument .* got config=.*and ") as err:
+        discover_layers(SmallCNN(), exclude="2$", grouped="skip", config=config)
+    assert "SelectionConfig(include='fc'" in str(err.value) and str(err.value).endswith("exclude='2$', grouped='skip'.")
+    with pytest.raises(TypeError, match=re.escape("`config` must be a SelectionConfig or None, got dict.")):
+        discover_layers(SmallCNN(), config={"include": "fc"})
+
+
+def test_keyword_defaults_are_the_config_defaults():
+    params = inspect.signature(discover_layers).parameters
+    defaults = {f.name: f.default for f in dataclasses.fields(SelectionConfig)}
+    assert {name: params[name].default for name in defaults} == defaults
+    assert params["config"].default is None
+
+
+def test_names_importable_from_the_public_modules():
+    for name in [*discovery.__all__, "STD_CONV_MODES", "Split", "StdConvMode", "extract_neuron_sets"]:
+        assert getattr(discovery, name) is not None  # the names importable from `discovery` before the split
+    for name in neurons.__all__:
+        assert getattr(neurons, name) is not None
+    assert discovery.extract_neuron_sets is neurons.extract_neuron_sets
+    assert discovery.Split is neurons.Split is _fused.Split
+    assert neurons.STD_CONV_MODES == ("raw", "standardized")

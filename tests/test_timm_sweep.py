@@ -5,7 +5,8 @@ blocks fewer for the deepest ones) and wrapped in the project's :class:`TimmClas
 
 * discovery selects exactly the weights that an independent oracle (written here from the documented rules, not
   from :mod:`lightning_comhe.discovery`) expects: the ``weight`` of every trainable ``Linear`` / ``Conv*`` /
-  ``ConvTranspose*`` / timm ``CondConv2d`` with at least two neurons per group, and nothing else (no norms,
+  ``ConvTranspose*`` / timm ``CondConv2d`` with at least two neurons per group of dimension ``d >= 2``, and
+  nothing else (no norms,
   embeddings, tokens, position tables, layer scales, biases); the head is ``get_classifier()``;
 * a real ``Trainer`` step runs with each variant of the callback; the task loss is multiplied by 0, so the gradient
   seen in ``on_before_optimizer_step`` is the penalty's alone: it must be finite and non-zero on every selected
@@ -162,14 +163,28 @@ def _neurons_per_group(module: nn.Module) -> int:
     return module.out_channels // module.groups  # Conv*, ConvTranspose*, CondConv2d
 
 
+def _neuron_dim(module: nn.Module) -> int:
+    if isinstance(module, nn.Linear):
+        return module.in_features
+    return module.in_channels // module.groups * math.prod(module.kernel_size)  # Conv*, ConvTranspose*, CondConv2d
+
+
 def expected_weights(model: nn.Module) -> set[str]:
-    """The oracle: qualified names of the parameters CoMHE must regularize, from the documented rules alone."""
+    """The oracle: qualified names of the parameters CoMHE must regularize, from the documented rules alone.
+
+    A weight is regularized when it has at least two neurons per group and neurons of dimension d >= 2 (neurons of
+    dimension 1 are all collinear).
+    """
     expected = set()
     for module_name, module in model.named_modules():
         weight = module._parameters.get("weight")
         if weight is None or not weight.requires_grad:
             continue
-        if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd, CondConv2d)) and _neurons_per_group(module) >= 2:
+        if (
+            isinstance(module, (nn.Linear, nn.modules.conv._ConvNd, CondConv2d))
+            and _neurons_per_group(module) >= 2
+            and _neuron_dim(module) >= 2
+        ):
             expected.add(f"{module_name}.weight" if module_name else "weight")
     return expected
 
@@ -213,7 +228,11 @@ def test_discovery_matches_oracle(name):
         ):
             parents = [p for p in skipped if module_name == p or module_name.startswith(p + ".")]
             assert parents, f"{module_name} neither selected nor skipped"
-            assert "1 neuron per set" in skipped[parents[0]]
+            reason = skipped[parents[0]]
+            if _neurons_per_group(mod) < 2:
+                assert "1 neuron per set" in reason, reason
+            else:  # then d = 1
+                assert reason == "neurons of dimension d=1 are all collinear (no energy to minimize)", reason
 
     # the head(s) are timm's classifier(s), with NUM_CLASSES neurons
     classifiers = module.model.get_classifier()
