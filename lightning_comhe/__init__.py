@@ -1,14 +1,23 @@
 """lightning-comhe: Compressive Minimum Hyperspherical Energy regularization for PyTorch and Lightning.
 
-The core (energies, projections, neuron extraction, layer discovery, the regularizer) is pure PyTorch. The Lightning
+The core (the configuration, energies, projections, neuron extraction, layer discovery, the regularizer) is pure
+PyTorch. The Lightning
 callback :class:`CoMHE` and the torchmetrics metric :class:`HypersphericalEnergy` are thin adapters over it; they
 are imported lazily so that ``import lightning_comhe`` works for raw-PyTorch users without touching Lightning.
 """
 
 from typing import Any
 
-from lightning_comhe.discovery import LayerSelection, NeuronLayer, discover_layers
-from lightning_comhe.functional import OFFICIAL_POWERS, hyperspherical_energy, parse_power, projected_energy
+from lightning_comhe.config import EnergyConfig, ScheduleConfig, SelectionConfig, default_weights
+from lightning_comhe.discovery import LayerSelection, NeuronLayer, discover_layers, find_heads
+from lightning_comhe.energies import EnergyFamily, register_energy
+from lightning_comhe.functional import (
+    OFFICIAL_POWERS,
+    expected_projected_energy,
+    hyperspherical_energy,
+    parse_power,
+    projected_energy,
+)
 from lightning_comhe.functional.angles import angle_objective, eps_cosine
 from lightning_comhe.functional.orthogonality import orthonormality, soft_orthogonality, srip, srip_power_iteration
 from lightning_comhe.neurons import extract_neuron_sets, extract_neurons, register_extractor
@@ -24,21 +33,29 @@ __all__ = [
     "AngleProjection",
     "CoMHE",
     "CoMHERegularizer",
+    "EnergyConfig",
+    "EnergyFamily",
     "HypersphericalEnergy",
     "LayerSelection",
     "NeuronLayer",
     "RandomProjection",
     "RegularizerOutput",
+    "ScheduleConfig",
+    "SelectionConfig",
     "__version__",
     "angle_objective",
+    "default_weights",
     "discover_layers",
     "eps_cosine",
+    "expected_projected_energy",
     "extract_neuron_sets",
     "extract_neurons",
+    "find_heads",
     "hyperspherical_energy",
     "orthonormality",
     "parse_power",
     "projected_energy",
+    "register_energy",
     "register_extractor",
     "soft_orthogonality",
     "srip",

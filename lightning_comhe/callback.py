@@ -1,16 +1,12 @@
 r"""CoMHE: a Lightning callback for (compressive) minimum hyperspherical energy regularization.
 
-A Lightning callback that adds the (compressive) minimum hyperspherical energy of a model's neurons to the training
-loss: MHE (Liu et al., "Learning towards Minimum Hyperspherical Energy", NeurIPS 2018), half-space MHE, and the
-random, angle-preserving and adversarial projections of CoMHE (Lin et al., "Regularizing Neural Networks via
-Minimizing Hyperspherical Energy", CVPR 2020).
-
-The math lives in the pure-PyTorch :class:`~lightning_comhe.regularizer.CoMHERegularizer`; this module only decides
-*when* the penalty is computed and *how* it enters the backward pass under every precision and optimization mode.
+The math lives in the pure-PyTorch :class:`~lightning_comhe.regularizer.CoMHERegularizer`, and the arguments are
+validated once, by the dataclasses of :mod:`lightning_comhe.config`; this module only decides *when* the penalty is
+computed and *how* it enters the backward pass under every precision and optimization mode.
 """
 
-import math
-import re
+import inspect
+from dataclasses import asdict
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -22,202 +18,73 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_comhe.functional.energy import parse_power
-from lightning_comhe.regularizer import VARIANTS as _VARIANTS
+from lightning_comhe._strategy import check_strategy, optimizer_step_index
+from lightning_comhe.config import EnergyConfig, ScheduleConfig, SelectionConfig, split_kwargs
 from lightning_comhe.regularizer import CoMHERegularizer
 
 __all__ = ["CoMHE"]
 
-_LOOKAHEADS: tuple[str, ...] = ("none", "first", "second")
-_GROUPED: tuple[str, ...] = ("per_group", "skip")
-_STD_CONV: tuple[str, ...] = ("raw", "standardized")
 _STATE_VERSION = 1
-
-
-def _choices(values: tuple[str, ...]) -> str:
-    return ", ".join(repr(v) for v in values)
-
-
-def _check_choice(arg: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise MisconfigurationException(f"`CoMHE({arg}=...)` must be one of {_choices(allowed)}, got {value!r}.")
-
-
-def _check_int(arg: str, value: Any, minimum: int, allow_none: bool) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        allowed = f"an int >= {minimum}" + (" or None (the official default)" if allow_none else "")
-        raise MisconfigurationException(f"`CoMHE({arg}=...)` must be {allowed}, got {value!r}.")
-
-
-def _check_float(arg: str, value: Any, *, strict: bool) -> None:
-    if value is None:
-        return
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or (value <= 0 if strict else value < 0):
-        bound = "> 0" if strict else ">= 0"
-        raise MisconfigurationException(
-            f"`CoMHE({arg}=...)` must be a finite float {bound} or None (the official default), got {value!r}."
-        )
-
-
-def _check_regexes(arg: str, value: Any) -> None:
-    if value is None:
-        return
-    patterns = [value] if isinstance(value, str) else value
-    if not isinstance(patterns, (list, tuple)) or not all(isinstance(p, str) for p in patterns):
-        raise MisconfigurationException(
-            f"`CoMHE({arg}=...)` must be a regex string, a list of regex strings or None, got {value!r}."
-        )
-    for pattern in patterns:
-        try:
-            re.compile(pattern)
-        except re.error as err:
-            raise MisconfigurationException(
-                f"`CoMHE({arg}=...)` holds an invalid regular expression {pattern!r}: {err}."
-            ) from err
-
-
-def _optimizer_step_index(trainer: "pl.Trainer") -> int:
-    """The number of optimizer steps taken so far: constant within an accumulation window.
-
-    ``trainer.global_step`` in general. A strategy that handles gradient accumulation itself (DeepSpeed) gets an
-    optimizer-step call on every micro-batch, so ``global_step`` no longer counts real steps; its engine's own
-    counter (``global_steps``, advanced only at the engine's accumulation boundaries) is used instead.
-    """
-    if trainer.strategy.handles_gradient_accumulation:
-        steps = getattr(trainer.strategy.model, "global_steps", None)
-        if isinstance(steps, int):
-            return steps
-    return trainer.global_step
 
 
 class CoMHE(Callback):
     r"""Regularize a LightningModule's neurons towards minimum hyperspherical energy (MHE / CoMHE).
 
-    At every optimizer step the callback adds
+    At every optimizer step the callback adds :math:`R = \sum_s \kappa_s E_s(W_s)` to the training loss, where
+    :math:`W_s` are the neuron sets of the selected layers (rows of ``weight.flatten(1)``, one set per conv group)
+    and :math:`E_s` the energy of the ``variant``: ``"mhe"``, ``"half_mhe"``, ``"random"`` (RP-CoMHE), ``"angle"``
+    (AP-CoMHE), ``"adversarial"``, or a peer (``"orthogonal"``, ``"orthonormal"``, ``"srip"``). The classifier
+    (``head``) gets full-space MHE with its own weight. See :class:`~lightning_comhe.regularizer.CoMHERegularizer`.
 
-    .. math::
-
-        R = \sum_s \kappa_s\, E_s(W_s)
-
-    to the training loss, where :math:`W_s` are the neuron sets (rows of ``weight.flatten(1)``, one set per conv
-    group) of the selected layers and :math:`E_s` the (projected) hyperspherical energy of the variant: ``"mhe"``
-    (full-space), ``"half_mhe"`` (the energy of :math:`[W; -W]`), ``"random"`` (RP-CoMHE: mean over C fresh
-    Gaussian ``k × d`` projections of half-space MHE), ``"angle"`` (AP-CoMHE: a projection fitted to preserve the
-    angles) and ``"adversarial"`` (a projection fitted to maximise the energy). The classifier (``head``) always
-    uses full-space MHE with its own weight; see :class:`~lightning_comhe.regularizer.CoMHERegularizer`.
-
-    How the penalty enters training (``on_before_backward``, in place, since the hook's return value is ignored):
-
-    * **Projections** are refreshed (random: redrawn; angle/adversarial: ``inner_steps`` side-optimizer steps) once
-      per optimizer step, before the first backward of the step, so all micro-batches of a step see the same
-      projections.
-    * **Automatic optimization**: the gradient that reaches the optimizer step is
-      :math:`\nabla(\text{task}) + \nabla R`, i.e. the penalty counts exactly once per optimizer step whatever
-      ``accumulate_grad_batches`` is. Lightning divides every micro-batch's task loss by
-      ``accumulate_grad_batches`` (also in a ragged last window of ``r < A`` micro-batches, whose task gradient is
-      then scaled by ``r / A``); the callback adds :math:`R` in full to the first micro-batch of each accumulation
-      window that runs backward and nothing to the others. This is equal to adding :math:`R / r` to each of the
-      window's ``r`` micro-batches, costs one energy evaluation per optimizer step instead of ``r``, and needs no
-      knowledge of the window's length (iterable datasets, ``limit_train_batches``).
-    * **Manual optimization**: the full penalty is added to the tensor passed to every
-      :meth:`~lightning.pytorch.core.LightningModule.manual_backward` call. **That tensor is mutated in place**:
-      after the call it holds task + penalty. Call ``manual_backward`` once per optimizer step (or lower
-      ``weight``) if you accumulate by hand.
-    * **fp16 with a GradScaler**: the hook receives the scaled loss, so the penalty goes through
-      ``scaler.scale(...)`` too and its effective weight is :math:`\kappa`, not :math:`\kappa / \text{scale}`.
-    * The penalty is computed in float32 outside autocast (the energies upcast low-precision weights), then cast to
-      the loss's dtype. Gradient clipping acts on the sum of the task and penalty gradients.
-    * No host synchronisation happens on the hot path; the code is device-agnostic (TPU/XLA: untested).
-
-    Strategies: single device, DDP (also multi-node; every rank computes the same penalty from the same weights and
-    projections), FSDP2 through :class:`~lightning.pytorch.strategies.ModelParallelStrategy` (DTensor weights are
-    gathered with ``full_tensor()``, a collective every rank runs in the same order), DeepSpeed ZeRO-1/2 (the
-    weights are whole on every rank; the engine's fp16 scaler scales the penalty with the loss). Under DeepSpeed with
-    ``accumulate_grad_batches = A > 1`` the engine decides the optimizer steps (its windows of ``A`` micro-batches run
-    across epoch ends): the callback refreshes and adds the penalty once per engine step (its ``global_steps``
-    counter), and DeepSpeed divides it by ``A`` like the task loss, which Lightning has already divided by ``A``
-    too, so the penalty keeps its weight relative to the task. FSDP v1
-    (``FSDPStrategy``) and DeepSpeed ZeRO-3 are refused at ``setup`` with an actionable error: inside their backward
-    pass the weights are flat shards or empty placeholders. ``torch.compile``\ d submodules work (their layers are
-    named ``..._orig_mod...``), and so does ``trainer.fit(torch.compile(module))``.
-
-    Logging (``pl_module.log``, ``sync_dist=False``: the value is identical on every rank): ``comhe/penalty``
-    (:math:`R`, before any accumulation or scaler factor) at every step, and ``comhe/energy/<layer>`` (the layer's
-    energy without :math:`\kappa`) every ``log_every`` optimizer steps. Lightning keeps reporting the last value of
-    a step-level key until the epoch ends, so loggers repeat an energy between its updates. With ``name="x"`` the
-    prefix is ``comhe/x/``.
-
-    Layer selection happens in ``setup("fit")``; it is deferred to ``on_fit_start`` when the LightningModule
-    overrides ``configure_model`` (layers may be created there), and to the first backward when the module has
-    uninitialized lazy parameters. The state (projection generators, learned projections and their side-optimizer
-    state, step bookkeeping) is saved in checkpoints, so a resumed run continues bit-exactly.
+    * Projections are refreshed once per optimizer step, before its first backward pass.
+    * Automatic optimization: the penalty counts exactly once per optimizer step, whatever
+      ``accumulate_grad_batches`` is (it is added in full to the first micro-batch of each window). Manual
+      optimization: the penalty is added to the tensor of every ``manual_backward`` call, in place.
+    * fp16 with a GradScaler: the penalty is scaled with the loss. The penalty is computed in float32 outside
+      autocast, then cast to the loss's dtype.
+    * Strategies: single device, DDP and multi-node, FSDP2 (``ModelParallelStrategy``), DeepSpeed ZeRO-1/2.
+      FSDP v1 and ZeRO-3 are refused at ``setup``. ``docs/strategies/`` has one page per strategy and mode.
+    * Logs ``comhe/penalty`` (:math:`R`, without the ``every_n_steps`` factor) on every penalized step and
+      ``comhe/energy/<layer>`` every ``log_every`` penalized steps (prefix
+      ``comhe/<name>/`` with a ``name``). The state (generators, learned projections, step) is checkpointed, so a
+      resumed run continues bit-exactly.
 
     Args:
-        variant: The energy:
-
-            - ``"mhe"``: full-space MHE on every selected layer.
-            - ``"half_mhe"``: half-space MHE on hidden layers.
-            - ``"random"``: RP-CoMHE, random Gaussian projections redrawn every ``resample_every`` steps.
-            - ``"angle"``: AP-CoMHE, an angle-preserving projection fitted by a side optimizer.
-            - ``"adversarial"``: a projection fitted by a side optimizer to maximise the energy.
-            - ``"orthogonal"``, ``"orthonormal"``, ``"srip"``: the peer regularizers of the paper's tables (soft
-              orthogonality, orthonormality of the neuron directions, spectral restricted isometry), with the same
-              penalty on hidden layers and the classifier; see ``docs/peers.md``. ``weight`` and ``head_weight``
-              default to 1e-4 (``"srip"``: 1e-2).
-        weight: :math:`\kappa` of the hidden layers. ``None``: the official 1 (0.1 for angular powers ``s > 0``).
-        head_weight: :math:`\kappa` of the classifier. ``None``: the official 10 (1 for angular powers ``s > 0``).
-        power: The energy's power ``s``: ``0`` (logarithmic), a float ``> 0``, or one of the official strings
-            ``"0"``, ``"1"``, ``"2"``, ``"a0"``, ``"a1"``, ``"a2"`` (``a`` = angular distance).
-        angular: Use the angular distance :math:`\arccos(c)/\pi` instead of the chord (implied by ``"a"`` powers).
-        projection_dim: Projection dimension ``k``. ``None``: official per variant (random 40, angle/adversarial
-            30). Layers whose neuron dimension is ``<= k`` use half-space MHE without projection.
-        num_projections: Number of random projections ``C``. ``None``: official per variant (random 20,
-            angle/adversarial 1; learned projections only allow 1).
-        resample_every: Redraw the random projections every this many optimizer steps (official: 1).
-        inner_steps: Side-optimizer steps per optimizer step for the learned projections. ``None``: official
-            (angle 1, adversarial 10).
-        inner_lr: Side-optimizer learning rate. ``None``: follow the main optimizer's current learning rate
-            (``trainer.optimizers[0].param_groups[0]["lr"]``, schedulers included), as the official code does.
-        lookahead: The official one-step look-ahead of a learned projection inside the penalty:
-
-            - ``"none"``: use the fitted projection as is.
-            - ``"first"``: look ahead with a detached step.
-            - ``"second"``: differentiate through the look-ahead step (as the official code; more memory).
-        include: Regex, or list of regexes, over module names (``pl_module.named_modules()``, searched with
-            ``re.search``); only matching layers are regularized. ``None``: all supported layers.
-        exclude: Regex, or list of regexes, over module names of layers to leave out.
-        head: Module name of the classifier (full-space MHE, weight ``head_weight``). ``"auto"``: timm's
-            ``get_classifier()``, else the last ``nn.Linear``. ``None``: no classifier treatment.
-        grouped: Grouped / depthwise convolutions:
-
-            - ``"per_group"``: one energy per group (neurons of different groups read disjoint inputs).
-            - ``"skip"``: leave them out.
-        std_conv: For timm's weight-standardized convs, regularize the ``"raw"`` stored weight or the
-            ``"standardized"`` one the forward pass uses.
-        projection_kind: Random projections of ``variant="random"``: ``"gaussian"`` (official, dense N(0, 1)),
-            ``"sparse"`` (very sparse signs, density 1/sqrt(d)) or ``"srht"`` (subsampled randomized Hadamard
-            transform). The structured kinds cut the projection cost; see docs/benchmarks.md for the guarantees.
+        variant: The energy: ``"mhe"``, ``"half_mhe"``, ``"random"`` (RP-CoMHE), ``"angle"`` (AP-CoMHE),
+            ``"adversarial"``, or a peer: ``"orthogonal"``, ``"orthonormal"``, ``"srip"`` (``docs/peers.md``).
+        weight: κ of the hidden layers. ``None``: the official 1 (0.1 for angular powers ``s > 0``).
+        head_weight: κ of the classifier. ``None``: the official 10 (1 for angular powers ``s > 0``).
+        power: The energy's power ``s``: ``0``, a float ``> 0``, or ``"0" "1" "2" "a0" "a1" "a2"`` (a = angular).
+        angular: Use the angular distance arccos(c)/π instead of the chord.
+        projection_dim: Projection dimension ``k``. ``None``: official (random 40, angle/adversarial 30).
+        num_projections: Number of random projections ``C``. ``None``: official (random 20; learned only 1).
+        resample_every: Redraw the random projections every this many (penalized) optimizer steps.
+        inner_steps: Side-optimizer steps per step of a learned projection. ``None``: angle 1, adversarial 10.
+        inner_lr: Side-optimizer learning rate ``> 0``. ``None``: follow the main optimizer's current lr.
+        lookahead: Look-ahead of a learned projection: ``"none"``, ``"first"`` (detached) or ``"second"``.
+        projection_kind: ``variant="random"`` only: ``"gaussian"`` (official), ``"sparse"``, ``"srht"``, or
+            ``"expected"`` (the exact mean over infinitely many Gaussian projections: no draws, no noise).
         seed: Seed of the projections' own random generators (the global RNG is never touched).
-        log_every: Log the per-layer energies every this many optimizer steps (``comhe/penalty`` is logged every
-            step).
-        name: Optional instance name, used as log prefix ``comhe/<name>/`` and in the checkpoint state key. Give
-            one to each instance when several ``CoMHE`` callbacks run together.
-        ortho_normalize: ``"orthogonal"`` and ``"srip"`` only: regularize the eps-normalized neurons instead of the
-            raw ones (default ``False``, as Bansal et al.).
-        srip_iterations: ``"srip"`` only: power-iteration steps per optimizer step on the persistent vectors, which
-            are saved in checkpoints.
-        srip_squared: ``"srip"`` only: penalize the squared spectral norm (the released SRIP code) instead of the
-            spectral norm (the paper).
+        eps: The constant inside each norm's square root (official 1e-4).
+        ortho_normalize: ``"orthogonal"``/``"srip"`` only: use eps-normalized neurons.
+        srip_iterations: ``"srip"`` only: power-iteration steps per optimizer step.
+        srip_squared: ``"srip"`` only: penalize the squared spectral norm (released code) instead of the norm.
+        include: Regex, or list of regexes, over module names; only matching layers are regularized.
+        exclude: Regex, or list of regexes, over module names of layers to leave out.
+        head: Module name(s) of the classifier. ``"auto"``: timm's ``get_classifier()``, else the last Linear.
+        grouped: Grouped convs: ``"per_group"`` (one energy per group) or ``"skip"``.
+        std_conv: timm's standardized convs: regularize the ``"raw"`` or the ``"standardized"`` weight.
+        every_n_steps: Lazy regularization: the penalty (×m) only on every m-th optimizer step (``docs/math.md``).
+        log_every: Log the per-layer energies every this many penalized optimizer steps.
+        name: Instance name: log prefix ``comhe/<name>/`` and checkpoint key (one per instance when several run).
+
+    The fields and their validation live in :mod:`lightning_comhe.config` (``EnergyConfig``, ``SelectionConfig``,
+    ``ScheduleConfig``); this signature mirrors them for LightningCLI, and a test keeps the two in sync.
 
     Raises:
-        MisconfigurationException: At construction, for an unknown ``variant``, ``lookahead``, ``grouped`` or
-            ``std_conv``, a bad ``power``, a negative ``weight``/``head_weight``, ``projection_dim``,
-            ``num_projections``, ``resample_every`` or ``log_every`` below 1, negative ``inner_steps``, a
-            non-positive ``inner_lr``, a negative ``seed`` or an invalid regex. At ``setup``, when no layer is
-            selected, when the configuration does not fit the model, or under FSDP v1 / DeepSpeed ZeRO-3.
+        MisconfigurationException: At construction, for any invalid argument (the message names it, the allowed
+            values and the value received). At ``setup``, when no layer is selected, when the configuration does
+            not fit the model, or under FSDP v1 / DeepSpeed ZeRO-3.
 
     Example::
 
@@ -246,89 +113,30 @@ class CoMHE(Callback):
         inner_steps: int | None = None,
         inner_lr: float | None = None,
         lookahead: Literal["none", "first", "second"] = "none",
-        include: str | list[str] | None = None,
-        exclude: str | list[str] | None = None,
-        head: str | None = "auto",
-        grouped: Literal["per_group", "skip"] = "per_group",
-        std_conv: Literal["raw", "standardized"] = "raw",
-        projection_kind: Literal["gaussian", "sparse", "srht"] = "gaussian",
+        projection_kind: Literal["gaussian", "sparse", "srht", "expected"] = "gaussian",
         seed: int = 0,
-        log_every: int = 50,
-        name: str | None = None,
+        eps: float = 1e-4,
         ortho_normalize: bool = False,
         srip_iterations: int = 1,
         srip_squared: bool = False,
+        include: str | list[str] | None = None,
+        exclude: str | list[str] | None = None,
+        head: str | list[str] | None = "auto",
+        grouped: Literal["per_group", "skip"] = "per_group",
+        std_conv: Literal["raw", "standardized"] = "raw",
+        every_n_steps: int = 1,
+        log_every: int = 50,
+        name: str | None = None,
     ) -> None:
         super().__init__()
-        _check_choice("variant", variant, _VARIANTS)
-        _check_choice("lookahead", lookahead, _LOOKAHEADS)
-        _check_choice("grouped", grouped, _GROUPED)
-        _check_choice("std_conv", std_conv, _STD_CONV)
-        _check_choice("projection_kind", projection_kind, ("gaussian", "sparse", "srht"))
-        if projection_kind != "gaussian" and variant != "random":
-            raise MisconfigurationException(
-                f"`CoMHE(projection_kind={projection_kind!r})` needs variant='random', got variant={variant!r}."
-            )
-        _check_float("weight", weight, strict=False)
-        _check_float("head_weight", head_weight, strict=False)
-        _check_float("inner_lr", inner_lr, strict=True)
-        if isinstance(power, bool) or not isinstance(power, (int, float, str)):
-            raise MisconfigurationException(
-                f"`CoMHE(power=...)` must be 0, a float > 0, or one of '0', '1', '2', 'a0', 'a1', 'a2', got {power!r}."
-            )
+        arguments = {k: v for k, v in locals().items() if k in inspect.signature(CoMHE).parameters}
         try:
-            parse_power(power, angular)
+            configs = split_kwargs(arguments)
         except ValueError as err:
-            raise MisconfigurationException(f"`CoMHE(power=...)`: {err}") from err
-        if not isinstance(angular, bool):
-            raise MisconfigurationException(f"`CoMHE(angular=...)` must be a bool, got {angular!r}.")
-        _check_int("projection_dim", projection_dim, 1, allow_none=True)
-        _check_int("num_projections", num_projections, 1, allow_none=True)
-        _check_int("resample_every", resample_every, 1, allow_none=False)
-        _check_int("inner_steps", inner_steps, 0, allow_none=True)
-        _check_int("seed", seed, 0, allow_none=False)
-        _check_int("log_every", log_every, 1, allow_none=False)
-        _check_int("srip_iterations", srip_iterations, 0, allow_none=False)
-        for flag, flag_value in (("ortho_normalize", ortho_normalize), ("srip_squared", srip_squared)):
-            if not isinstance(flag_value, bool):
-                raise MisconfigurationException(f"`CoMHE({flag}=...)` must be a bool, got {flag_value!r}.")
-        if variant in ("angle", "adversarial") and num_projections not in (None, 1):
-            raise MisconfigurationException(
-                f"`CoMHE(num_projections=...)` must be 1 or None for variant {variant!r} (one learned projection per "
-                f"neuron set, as in the official code), got {num_projections!r}."
-            )
-        _check_regexes("include", include)
-        _check_regexes("exclude", exclude)
-        if head is not None and not isinstance(head, str):
-            raise MisconfigurationException(f"`CoMHE(head=...)` must be 'auto', a module name or None, got {head!r}.")
-        if name is not None and (not isinstance(name, str) or not name or "/" in name):
-            raise MisconfigurationException(
-                f"`CoMHE(name=...)` must be None or a non-empty string without '/', got {name!r}."
-            )
-
-        self.variant = variant
-        self.weight = weight
-        self.head_weight = head_weight
-        self.power = power
-        self.angular = angular
-        self.projection_dim = projection_dim
-        self.num_projections = num_projections
-        self.resample_every = resample_every
-        self.inner_steps = inner_steps
-        self.inner_lr = inner_lr
-        self.lookahead = lookahead
-        self.include = include
-        self.exclude = exclude
-        self.head = head
-        self.grouped = grouped
-        self.std_conv = std_conv
-        self.projection_kind = projection_kind
-        self.seed = seed
-        self.log_every = log_every
-        self.name = name
-        self.ortho_normalize = ortho_normalize
-        self.srip_iterations = srip_iterations
-        self.srip_squared = srip_squared
+            raise MisconfigurationException(f"CoMHE: {err}") from err
+        self.energy_config: EnergyConfig = configs[0]
+        self.selection_config: SelectionConfig = configs[1]
+        self.schedule: ScheduleConfig = configs[2]
 
         self._regularizer: CoMHERegularizer | None = None
         self._module: pl.LightningModule | None = None
@@ -338,6 +146,14 @@ class CoMHE(Callback):
         self._last_refresh_step: int | None = None
         # Global step whose penalty was already added (automatic optimization; runtime only, never restored).
         self._penalized_step: int | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        # the configuration fields, read-only: `callback.variant`, `callback.weight`, ... (as passed, not resolved)
+        for cfg in ("energy_config", "selection_config", "schedule"):
+            obj = self.__dict__.get(cfg)
+            if obj is not None and name in type(obj).__dataclass_fields__:
+                return getattr(obj, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     # ----------------------------------------------------------------------------------------------------------
     # public helpers
@@ -360,30 +176,8 @@ class CoMHE(Callback):
         return "comhe" if self.name is None else f"comhe/{self.name}"
 
     def regularizer_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments this callback passes to :class:`~lightning_comhe.regularizer.CoMHERegularizer`."""
-        return {
-            "variant": self.variant,
-            "power": self.power,
-            "angular": self.angular,
-            "weight": self.weight,
-            "head_weight": self.head_weight,
-            "projection_dim": self.projection_dim,
-            "num_projections": self.num_projections,
-            "resample_every": self.resample_every,
-            "inner_steps": self.inner_steps,
-            "inner_lr": self.inner_lr,
-            "lookahead": self.lookahead,
-            "include": self.include,
-            "exclude": self.exclude,
-            "head": self.head,
-            "grouped": self.grouped,
-            "std_conv": self.std_conv,
-            "projection_kind": self.projection_kind,
-            "seed": self.seed,
-            "ortho_normalize": self.ortho_normalize,
-            "srip_iterations": self.srip_iterations,
-            "srip_squared": self.srip_squared,
-        }
+        """The flat keyword arguments of :class:`~lightning_comhe.regularizer.CoMHERegularizer` (both configs)."""
+        return {**asdict(self.energy_config), **asdict(self.selection_config)}
 
     # ----------------------------------------------------------------------------------------------------------
     # building
@@ -395,10 +189,8 @@ class CoMHE(Callback):
         )
 
     def _build(self, pl_module: "pl.LightningModule") -> None:
-        kwargs = self.regularizer_kwargs()
-        variant = kwargs.pop("variant")
         try:
-            regularizer = CoMHERegularizer(pl_module, variant, **kwargs)
+            regularizer = CoMHERegularizer(pl_module, energy=self.energy_config, selection=self.selection_config)
         except (ValueError, TypeError) as err:
             raise MisconfigurationException(
                 f"{self._describe()} cannot regularize {type(pl_module).__name__}: {err}"
@@ -430,35 +222,6 @@ class CoMHE(Callback):
             ) from err
 
     @staticmethod
-    def _check_strategy(strategy: Any) -> None:
-        try:
-            from lightning.pytorch.strategies import FSDPStrategy
-        except ImportError:  # pragma: no cover - depends on the lightning build
-            FSDPStrategy = None  # noqa: N806
-        try:
-            from lightning.pytorch.strategies import DeepSpeedStrategy
-        except ImportError:  # pragma: no cover - depends on the lightning build
-            DeepSpeedStrategy = None  # noqa: N806
-        if FSDPStrategy is not None and isinstance(strategy, FSDPStrategy):
-            raise MisconfigurationException(
-                "CoMHE does not support `FSDPStrategy` (FSDP v1): inside its backward pass the weights are flat 1-D "
-                "shards, so the neurons cannot be formed where the penalty is added. HINT: use FSDP2 instead: "
-                "`strategy=ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)` with "
-                "`torch.distributed.fsdp.fully_shard` applied in `LightningModule.configure_model`, or DDP."
-            )
-        if DeepSpeedStrategy is not None and isinstance(strategy, DeepSpeedStrategy):
-            try:
-                stage3 = bool(strategy.zero_stage_3)
-            except Exception:  # noqa: BLE001 - an unconfigured strategy has no config yet
-                stage3 = False
-            if stage3:
-                raise MisconfigurationException(
-                    "CoMHE does not support DeepSpeed ZeRO stage 3: outside the forward pass its parameters are "
-                    "empty placeholders, so the neurons cannot be read when the penalty is added. HINT: use ZeRO "
-                    "stage 1 or 2 (`strategy='deepspeed_stage_2'`), or FSDP2 through `ModelParallelStrategy`."
-                )
-
-    @staticmethod
     def _has_lazy_parameters(module: torch.nn.Module) -> bool:
         from torch.nn.parameter import is_lazy
 
@@ -471,7 +234,7 @@ class CoMHE(Callback):
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage != "fit":
             return
-        self._check_strategy(trainer.strategy)
+        check_strategy(trainer.strategy)
         self._warn_log_collisions(trainer)
         # A new fit starts from its own global step; a checkpoint (restored after `setup`) sets it back.
         self._last_refresh_step = None
@@ -509,8 +272,8 @@ class CoMHE(Callback):
                 "HINT: give each instance its own `name`, e.g. `CoMHE(..., name='backbone')`."
             )
 
-    def _current_lr(self, trainer: "pl.Trainer") -> float | None:
-        if self.inner_lr is not None or self.variant not in ("angle", "adversarial"):
+    def _current_lr(self, trainer: "pl.Trainer", regularizer: CoMHERegularizer) -> float | None:
+        if self.inner_lr is not None or not regularizer.family.uses_lr:
             return None
         optimizers = trainer.optimizers
         if not optimizers:
@@ -528,9 +291,12 @@ class CoMHE(Callback):
             self._build(pl_module)
         regularizer = self._regularizer
         assert regularizer is not None
-        step = _optimizer_step_index(trainer)
+        step = optimizer_step_index(trainer)
+        every = self.every_n_steps
+        if step % every != 0:
+            return  # lazy regularization: nothing is computed or added on this step
         if step != self._last_refresh_step:
-            regularizer.refresh(self._current_lr(trainer))
+            regularizer.refresh(self._current_lr(trainer, regularizer))
             self._last_refresh_step = step
         if pl_module.automatic_optimization:
             if step == self._penalized_step:
@@ -538,7 +304,7 @@ class CoMHE(Callback):
             self._penalized_step = step
         out = regularizer()
         penalty = out.penalty
-        added = penalty
+        added = penalty * every if every > 1 else penalty
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         if scaler is not None:
             added = scaler.scale(added)
@@ -546,7 +312,7 @@ class CoMHE(Callback):
 
         prefix = self.log_prefix
         pl_module.log(f"{prefix}/penalty", penalty.detach(), on_step=True, on_epoch=False, sync_dist=False)
-        if step % self.log_every == 0:
+        if (step // every) % self.log_every == 0:
             for layer, energy in out.energies.items():
                 pl_module.log(f"{prefix}/energy/{layer}", energy, on_step=True, on_epoch=False, sync_dist=False)
 

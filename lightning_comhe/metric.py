@@ -12,10 +12,31 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_cat
 
+from lightning_comhe._validation import check_bool
+from lightning_comhe.config import EnergyConfig, SelectionConfig
 from lightning_comhe.discovery import LayerSelection, NeuronLayer, discover_layers
-from lightning_comhe.functional.energy import PowerLike, hyperspherical_energy, parse_power
+from lightning_comhe.functional.energy import PowerLike, hyperspherical_energy
 
 __all__ = ["HypersphericalEnergy", "layer_energies"]
+
+
+def _configs(
+    power: PowerLike,
+    half_space: bool,
+    angular: bool,
+    include: Any,
+    exclude: Any,
+    head: Any,
+    grouped: Any,
+    std_conv: Any,
+    eps: float,
+) -> tuple[EnergyConfig, SelectionConfig]:
+    """Validate the metric's arguments through the library's configs (one place, one message style)."""
+    check_bool("half_space", half_space)
+    variant = "half_mhe" if half_space else "mhe"
+    energy = EnergyConfig(variant=variant, power=power, angular=angular, eps=eps)
+    selection = SelectionConfig(include=include, exclude=exclude, head=head, grouped=grouped, std_conv=std_conv)
+    return energy, selection
 
 
 def layer_energies(
@@ -28,7 +49,7 @@ def layer_energies(
     exclude: str | Sequence[str] | None = None,
     head: str | Sequence[str] | None = "auto",
     grouped: Literal["per_group", "skip"] = "per_group",
-    std_conv: str = "raw",
+    std_conv: Literal["raw", "standardized"] = "raw",
     eps: float = 1e-4,
 ) -> dict[str, Tensor]:
     """Full-space (unprojected) hyperspherical energy of each layer of a model, without gradient.
@@ -67,22 +88,18 @@ def layer_energies(
         >>> {k: round(v.item(), 4) for k, v in layer_energies(model).items()}
         {'0': 0.5}
     """
+    energy, selection = _configs(power, half_space, angular, include, exclude, head, grouped, std_conv, eps)
     if isinstance(model, nn.Module):
-        layers: Sequence[NeuronLayer] = discover_layers(
-            model, include=include, exclude=exclude, head=head, grouped=grouped, std_conv=std_conv
-        ).layers
+        layers: Sequence[NeuronLayer] = discover_layers(model, **selection.discovery_kwargs()).layers
     elif isinstance(model, LayerSelection):
         layers = model.layers
     else:
         layers = list(model)
-    s, angular = parse_power(power, angular)
+    kw = {"half_space": half_space, "angular": energy.is_angular, "eps": energy.eps}
     out: dict[str, Tensor] = {}
     with torch.no_grad():
         for layer in layers:
-            per_set = [
-                hyperspherical_energy(t.detach(), s, half_space=half_space, angular=angular, eps=eps)
-                for t in layer.neuron_sets()
-            ]
+            per_set = [hyperspherical_energy(t.detach(), energy.s, **kw) for t in layer.neuron_sets()]
             out[layer.name] = torch.cat(per_set).mean()
     return out
 
@@ -143,20 +160,12 @@ class HypersphericalEnergy(Metric):
         exclude: str | Sequence[str] | None = None,
         head: str | Sequence[str] | None = "auto",
         grouped: Literal["per_group", "skip"] = "per_group",
-        std_conv: str = "raw",
+        std_conv: Literal["raw", "standardized"] = "raw",
         eps: float = 1e-4,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        parse_power(power, angular)  # validates
-        if not isinstance(half_space, bool):
-            raise ValueError(f"Expected argument `half_space` to be a boolean but got {half_space!r}.")
-        if not isinstance(angular, bool):
-            raise ValueError(f"Expected argument `angular` to be a boolean but got {angular!r}.")
-        if grouped not in ("per_group", "skip"):
-            raise ValueError(f"Expected argument `grouped` to be 'per_group' or 'skip' but got {grouped!r}.")
-        if not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and eps > 0):
-            raise ValueError(f"Expected argument `eps` to be a float > 0 but got {eps!r}.")
+        _configs(power, half_space, angular, include, exclude, head, grouped, std_conv, eps)  # validates
         self.power = power
         self.half_space = half_space
         self.angular = angular

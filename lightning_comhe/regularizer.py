@@ -1,4 +1,4 @@
-r"""The CoMHE regularizer: a model, a layer selection and a variant give one penalty.
+r"""The CoMHE regularizer: a model, a layer selection and an energy give one penalty.
 
 Pure PyTorch (no Lightning import). The Lightning callback :class:`lightning_comhe.CoMHE` is a thin adapter over
 :class:`CoMHERegularizer`; Fabric and raw-PyTorch users call it directly.
@@ -9,7 +9,7 @@ For the selected layers, with neuron sets :math:`W_s` (rows are neurons) and per
 
     R = \sum_s \kappa_s\, E_s(W_s)
 
-where :math:`E_s` depends on the variant and on the set's role:
+where :math:`E_s` is given by the variant's energy family (:mod:`lightning_comhe.energies`) and the set's role:
 
 =================  ==========================================  ====================================
 variant            hidden sets (:math:`\kappa` = ``weight``)   head (:math:`\kappa` = ``head_weight``)
@@ -22,38 +22,34 @@ variant            hidden sets (:math:`\kappa` = ``weight``)   head (:math:`\kap
                    angle-preserving projection
 ``"adversarial"``  half-space MHE after an adversarially       full-space MHE
                    learned projection
+peers              ``"orthogonal"``, ``"orthonormal"``,        the same penalty
+                   ``"srip"`` (``docs/peers.md``)
 =================  ==========================================  ====================================
 
 A hidden set whose dimension ``d`` is at most the projection dimension ``k`` is regularized with half-space MHE in
-full space, without projection: this generalizes the official rule for the first layer (``d = 27 <= k``).
-Sets with equal shapes are stacked and computed together in batched matmuls.
-
-The peer regularizers of the paper's comparison tables are further variants (``docs/peers.md``): ``"orthogonal"``
-(soft orthogonality :math:`\|G - I\|_F^2`, Bansal et al., NeurIPS 2018), ``"orthonormal"`` (the same on
-eps-normalized neurons) and ``"srip"`` (the spectral norm :math:`\sigma(G - I)` by power iteration, Bansal et al.),
-where ``G`` is the smaller Gram matrix of the set. They apply the same penalty to hidden layers (``weight``) and the
-classifier (``head_weight``), both defaulting to :data:`PEER_DEFAULT_WEIGHTS`, as Bansal et al. regularize every
-weight matrix.
+full space, without projection (the official first-layer rule, generalized). Sets with equal shapes and equal
+treatment are stacked into one group and computed together in batched matmuls.
 """
 
-import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lightning_comhe.discovery import LayerSelection, discover_layers
-from lightning_comhe.functional.energy import PowerLike, hyperspherical_energy, parse_power, projected_energy
-from lightning_comhe.functional.orthogonality import soft_orthogonality, srip, srip_power_iteration
-from lightning_comhe.projections import (
-    PROJECTION_KINDS,
-    AdversarialProjection,
-    AngleProjection,
-    ProjectionKind,
-    RandomProjection,
-    key_seed,
+from lightning_comhe._registry import PEER_VARIANTS
+from lightning_comhe._validation import check_float, check_int
+from lightning_comhe.config import (
+    PEER_DEFAULT_WEIGHTS,
+    EnergyConfig,
+    SelectionConfig,
+    Variant,
+    split_kwargs,
+    variant_defaults,
 )
+from lightning_comhe.config import VARIANTS as VARIANTS
+from lightning_comhe.discovery import LayerSelection, discover_layers
+from lightning_comhe.energies import EnergyFamily, Group, SetRef, build_energy
 
 __all__ = [
     "CoMHERegularizer",
@@ -65,48 +61,7 @@ __all__ = [
     "variant_defaults",
 ]
 
-Variant = Literal["mhe", "half_mhe", "random", "angle", "adversarial", "orthogonal", "orthonormal", "srip"]
-VARIANTS: tuple[str, ...] = (
-    "mhe",
-    "half_mhe",
-    "random",
-    "angle",
-    "adversarial",
-    "orthogonal",
-    "orthonormal",
-    "srip",
-)
-#: The peer regularizers of the paper's tables (docs/peers.md): same penalty on hidden layers and the classifier.
-PEER_VARIANTS: tuple[str, ...] = ("orthogonal", "orthonormal", "srip")
-#: Default κ (hidden and head) of the peer variants: Bansal et al. (NeurIPS 2018) use 1e-4..1e-2 scales; the released
-#: SRIP code starts at 1e-2 (docs/peers.md).
-PEER_DEFAULT_WEIGHTS: dict[str, float] = {"orthogonal": 1e-4, "orthonormal": 1e-4, "srip": 1e-2}
-
-#: Official defaults per variant (algorithm.md §6.1): projection dim k, number of projections C, inner steps.
-_VARIANT_DEFAULTS: dict[str, dict[str, int | None]] = {
-    "mhe": {"projection_dim": None, "num_projections": None, "inner_steps": None},
-    "half_mhe": {"projection_dim": None, "num_projections": None, "inner_steps": None},
-    "random": {"projection_dim": 40, "num_projections": 20, "inner_steps": None},
-    "angle": {"projection_dim": 30, "num_projections": 1, "inner_steps": 1},
-    "adversarial": {"projection_dim": 30, "num_projections": 1, "inner_steps": 10},
-    "orthogonal": {"projection_dim": None, "num_projections": None, "inner_steps": None},
-    "orthonormal": {"projection_dim": None, "num_projections": None, "inner_steps": None},
-    "srip": {"projection_dim": None, "num_projections": None, "inner_steps": None},
-}
-_DEFAULT_INNER_LR = 0.1  # the official base learning rate, used when neither inner_lr nor the caller's lr is known
-
-
-def variant_defaults(variant: str) -> dict[str, int | None]:
-    """Official per-variant defaults: ``projection_dim`` (k), ``num_projections`` (C) and ``inner_steps``.
-
-    Example::
-
-        >>> variant_defaults("random")
-        {'projection_dim': 40, 'num_projections': 20, 'inner_steps': None}
-    """
-    if variant not in _VARIANT_DEFAULTS:
-        raise ValueError(f"`variant` must be one of {', '.join(map(repr, VARIANTS))}; got {variant!r}.")
-    return dict(_VARIANT_DEFAULTS[variant])
+_STATE_VERSION = 1
 
 
 @dataclass
@@ -116,116 +71,46 @@ class RegularizerOutput:
     Attributes:
         penalty: The differentiable total :math:`\sum_s \kappa_s E_s`, a 0-dim float32 (float64) tensor.
         energies: Detached per-layer energies (mean over the layer's sets, without κ), keyed by module name.
+        scale: The factor already in ``penalty`` (``every_n_steps`` of :meth:`CoMHERegularizer.lazy_penalty`, else
+            1): ``penalty / scale`` is :math:`R`.
     """
 
     penalty: Tensor
     energies: dict[str, Tensor] = field(default_factory=dict)
+    scale: int = 1
 
 
-@dataclass
-class _SetRef:
-    layer: str
-    tensor_index: int  # which of the layer's extracted tensors
-    num_sets: int
-
-
-@dataclass
-class _Group:
-    key: str
-    mode: Literal["plain", "half", "projected", "orthogonal", "orthonormal", "srip"]
-    kappa: float
-    num_neurons: int
-    dim: int
-    members: list[_SetRef]
-
-    @property
-    def num_sets(self) -> int:
-        return sum(m.num_sets for m in self.members)
-
-
-def _check_int(name: str, value: Any, minimum: int, allow_none: bool = True) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        allowed = f"an int >= {minimum}" + (" or None" if allow_none else "")
-        raise ValueError(f"`{name}` must be {allowed}; got {value!r}.")
-
-
-def _check_float(name: str, value: Any, minimum: float = 0.0, allow_none: bool = True, strict: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > minimum if strict else value >= minimum)
-    if not ok:
-        rel = ">" if strict else ">="
-        raise ValueError(
-            f"`{name}` must be a finite float {rel} {minimum}"
-            + (" or None" if allow_none else "")
-            + f"; got {value!r}."
-        )
-
-
-def _find_timm_head(model: nn.Module) -> str | None:
-    """Qualified name of the classifier of the first timm-style submodule (one with ``get_classifier``)."""
-    for prefix, sub in model.named_modules():
-        getter = getattr(sub, "get_classifier", None)
-        if not callable(getter):
-            continue
-        try:
-            head = getter()
-        except Exception:  # noqa: BLE001 - some models need arguments; fall back to discovery's rule
-            continue
-        if not isinstance(head, nn.Module) or not isinstance(getattr(head, "weight", None), Tensor):
-            return None
-        for name, mod in sub.named_modules():
-            if mod is head:
-                return f"{prefix}.{name}" if prefix and name else (prefix or name)
-        return None
-    return None
+def _configs(variant: Any, energy: Any, selection: Any, kwargs: dict[str, Any]) -> tuple[EnergyConfig, SelectionConfig]:
+    """The two configs from either config objects or flat keyword arguments (never both for the same config)."""
+    if energy is not None and not isinstance(energy, EnergyConfig):
+        raise ValueError(f"`energy` must be an EnergyConfig or None, got {type(energy).__name__}.")
+    if selection is not None and not isinstance(selection, SelectionConfig):
+        raise ValueError(f"`selection` must be a SelectionConfig or None, got {type(selection).__name__}.")
+    flat = dict(kwargs)
+    if energy is None:
+        flat["variant"] = "random" if variant is None else variant
+    elif variant is not None and variant != energy.variant:
+        raise ValueError(f"`variant` must be None or {energy.variant!r} with `energy` given, got {variant!r}.")
+    classes = tuple(cls for cls, given in ((EnergyConfig, energy), (SelectionConfig, selection)) if given is None)
+    built = iter(split_kwargs(flat, classes, owner="CoMHERegularizer"))
+    return (energy or next(built)), (selection or next(built))
 
 
 class CoMHERegularizer:
-    r"""Hyperspherical-energy regularizer for the neurons of a model (MHE, half-space MHE, CoMHE).
+    r"""Hyperspherical-energy regularizer for the neurons of a model (MHE, half-space MHE, CoMHE, peers).
 
     Args:
         model: The model whose layers are regularized. Only a reference is kept (it is not registered as a child).
-        variant: ``"mhe"``, ``"half_mhe"``, ``"random"`` (RP-CoMHE), ``"angle"`` (AP-CoMHE) or ``"adversarial"``;
-            or a peer regularizer: ``"orthogonal"``, ``"orthonormal"``, ``"srip"`` (see ``docs/peers.md``).
-        power: Energy power: ``0``, a float ``> 0``, or ``"0" "1" "2" "a0" "a1" "a2"`` (official strings).
-        angular: Use the angular distance (implied by the ``"a"`` strings).
-        weight: κ of hidden sets. ``None``: official, 1 (0.1 for angular powers ``s > 0``).
-        head_weight: κ of the classifier. ``None``: official, 10 (1 for angular powers ``s > 0``).
-        projection_dim: k. ``None``: official per variant (random 40, angle/adversarial 30).
-        num_projections: C. ``None``: official per variant (random 20, angle/adversarial 1; C > 1 for the learned
-            projections is an extension: the learned P is shared, so only C = 1 is allowed there).
-        resample_every: Redraw random projections every this many :meth:`refresh` calls (official: 1).
-        projection_kind: For ``variant="random"``: ``"gaussian"`` (official), or an opt-in structured projection that
-            cuts the projection cost, which dominates RP-CoMHE: ``"sparse"`` (very sparse signs, density
-            ``1/sqrt(d)``, the fastest) or ``"srht"`` (subsampled randomized Hadamard; JL for every input). See
-            :class:`~lightning_comhe.projections.RandomProjection` and ``docs/benchmarks.md``.
-        inner_steps: Side-optimizer steps per :meth:`refresh` for learned projections (official: angle 1,
-            adversarial 10).
-        inner_lr: Side-optimizer learning rate. ``None``: the ``lr`` given to :meth:`refresh` (the main optimizer's
-            current learning rate, as in the official code), else 0.1.
-        lookahead: The official in-graph one-step look-ahead of the learned projection: ``"none"``, ``"first"``
-            (detached) or ``"second"`` (differentiated through, as in the official code).
-        include: Regex (or list) over module names; only matching modules are regularized. ``None``: all.
-        exclude: Regex (or list) over module names to leave out.
-        head: The classifier's module name, ``"auto"`` (timm's ``get_classifier()``, else the last ``Linear``), or
-            ``None`` (no classifier treatment).
-        grouped: ``"per_group"``: grouped/depthwise convs get one energy per group; ``"skip"``: leave them out.
-        std_conv: For timm's standardized convs: use the ``"raw"`` or the ``"standardized"`` weight.
-        seed: Seed of the projections' own generators (same seed, same stream, on every process).
-        eps: The constant inside each norm's square root.
-        ortho_normalize: ``"orthogonal"`` and ``"srip"`` only: use the eps-normalized neurons instead of the raw
-            ones (default ``False``, as Bansal et al.). ``"orthonormal"`` always normalizes.
-        srip_iterations: ``"srip"`` only: power-iteration steps per :meth:`refresh` on the persistent vectors
-            (default 1, i.e. two matrix-vector products per step with the penalty's own, as the released code).
-        srip_squared: ``"srip"`` only: penalize :math:`\sigma^2` (the released code) instead of :math:`\sigma`
-            (the paper).
+        variant: The energy family (see the module docstring); ``None``: ``"random"``, or ``energy.variant``.
+        energy: An :class:`~lightning_comhe.config.EnergyConfig` (instead of its flat keyword arguments).
+        selection: A :class:`~lightning_comhe.config.SelectionConfig` (instead of its flat keyword arguments).
+        **kwargs: The fields of :class:`~lightning_comhe.config.EnergyConfig` (``power``, ``weight``,
+            ``projection_dim``, ``inner_lr``, ...) and :class:`~lightning_comhe.config.SelectionConfig`
+            (``include``, ``exclude``, ``head``, ``grouped``, ``std_conv``), documented there.
 
     Raises:
         ValueError: For an invalid argument (the message names it), or when no layer is selected.
+        TypeError: For an unknown keyword argument or a ``model`` that is not an ``nn.Module``.
 
     Example::
 
@@ -244,135 +129,72 @@ class CoMHERegularizer:
     def __init__(
         self,
         model: nn.Module,
-        variant: Variant = "random",
+        variant: Variant | str | None = None,
         *,
-        power: PowerLike = 2,
-        angular: bool = False,
-        weight: float | None = None,
-        head_weight: float | None = None,
-        projection_dim: int | None = None,
-        num_projections: int | None = None,
-        resample_every: int = 1,
-        projection_kind: ProjectionKind = "gaussian",
-        inner_steps: int | None = None,
-        inner_lr: float | None = None,
-        lookahead: Literal["none", "first", "second"] = "none",
-        include: str | list[str] | None = None,
-        exclude: str | list[str] | None = None,
-        head: str | None = "auto",
-        grouped: Literal["per_group", "skip"] = "per_group",
-        std_conv: Literal["raw", "standardized"] = "raw",
-        seed: int = 0,
-        eps: float = 1e-4,
-        ortho_normalize: bool = False,
-        srip_iterations: int = 1,
-        srip_squared: bool = False,
+        energy: EnergyConfig | None = None,
+        selection: SelectionConfig | None = None,
+        **kwargs: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
-            raise TypeError(f"`model` must be a torch.nn.Module; got {type(model).__name__}.")
-        if variant not in VARIANTS:
-            raise ValueError(f"`variant` must be one of {', '.join(map(repr, VARIANTS))}; got {variant!r}.")
-        self.s, self.angular = parse_power(power, angular)
-        self.power = power
-        _check_float("weight", weight)
-        _check_float("head_weight", head_weight)
-        _check_int("projection_dim", projection_dim, 1)
-        _check_int("num_projections", num_projections, 1)
-        _check_int("resample_every", resample_every, 1, allow_none=False)
-        _check_int("inner_steps", inner_steps, 0)
-        _check_float("inner_lr", inner_lr)
-        _check_float("eps", eps, 0.0, allow_none=False, strict=True)
-        if not isinstance(ortho_normalize, bool):
-            raise ValueError(f"`ortho_normalize` must be a bool; got {ortho_normalize!r}.")
-        _check_int("srip_iterations", srip_iterations, 0, allow_none=False)
-        if not isinstance(srip_squared, bool):
-            raise ValueError(f"`srip_squared` must be a bool; got {srip_squared!r}.")
-        _check_int("seed", seed, 0, allow_none=False)
-        if projection_kind not in PROJECTION_KINDS:
-            raise ValueError(
-                f"`projection_kind` must be one of {', '.join(map(repr, PROJECTION_KINDS))}; got {projection_kind!r}."
-            )
-        if projection_kind != "gaussian" and variant != "random":
-            raise ValueError(
-                f"`projection_kind={projection_kind!r}` applies to variant='random' only; got variant={variant!r}."
-            )
-        if lookahead not in ("none", "first", "second"):
-            raise ValueError(f"`lookahead` must be one of 'none', 'first', 'second'; got {lookahead!r}.")
-        if grouped not in ("per_group", "skip"):
-            raise ValueError(f"`grouped` must be 'per_group' or 'skip'; got {grouped!r}.")
-        if std_conv not in ("raw", "standardized"):
-            raise ValueError(f"`std_conv` must be 'raw' or 'standardized'; got {std_conv!r}.")
-        defaults = variant_defaults(variant)
-        self.variant: str = variant
-        official_hidden, official_head = (0.1, 1.0) if (self.angular and self.s > 0) else (1.0, 10.0)
-        if variant in PEER_VARIANTS:
-            official_hidden = official_head = PEER_DEFAULT_WEIGHTS[variant]
-        self.ortho_normalize = ortho_normalize
-        self.srip_iterations = srip_iterations
-        self.srip_squared = srip_squared
-        self._srip_vectors: dict[str, Tensor] = {}
-        self.weight = float(official_hidden if weight is None else weight)
-        self.head_weight = float(official_head if head_weight is None else head_weight)
-        self.projection_dim = projection_dim if projection_dim is not None else defaults["projection_dim"]
-        self.num_projections = num_projections if num_projections is not None else defaults["num_projections"]
-        self.inner_steps = inner_steps if inner_steps is not None else defaults["inner_steps"]
-        if variant in ("angle", "adversarial") and self.num_projections != 1:
-            raise ValueError(
-                f"`num_projections` must be 1 for variant {variant!r} (one learned projection per set, as in the "
-                f"official code); got {num_projections!r}."
-            )
-        self.resample_every = resample_every
-        self.projection_kind = projection_kind
-        self.inner_lr = inner_lr
-        self.lookahead = lookahead
-        self.seed = seed
-        self.eps = float(eps)
-        self.include = include
-        self.exclude = exclude
-        self.grouped = grouped
-        self.std_conv = std_conv
+            raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+        self.config, self.selection_config = _configs(variant, energy, selection, kwargs)
+        self.family: EnergyFamily = build_energy(self.config)
         self._model_ref = model
-
-        if head == "auto":
-            timm_head = _find_timm_head(model)
-            head_arg: str | None = timm_head if timm_head is not None else "auto"
-        else:
-            head_arg = head
-        self.head = head
-        self.selection: LayerSelection = discover_layers(
-            model, include=include, exclude=exclude, head=head_arg, grouped=grouped, std_conv=std_conv
-        )
+        self.selection: LayerSelection = discover_layers(model, **self.selection_config.discovery_kwargs())
         self._layer_by_name = {layer.name: layer for layer in self.selection.layers}
-        self._groups = self._build_groups()
-        self._projector: RandomProjection | AngleProjection | AdversarialProjection | None = None
-        if variant == "random":
-            self._projector = RandomProjection(
-                dim=self.projection_dim,
-                num=self.num_projections,
-                resample_every=resample_every,
-                seed=seed,
-                kind=projection_kind,
-            )
-        elif variant == "angle":
-            self._projector = AngleProjection(
-                dim=self.projection_dim,
-                steps=self.inner_steps,
-                lr=inner_lr or _DEFAULT_INNER_LR,
-                lookahead=lookahead,
-                seed=seed,
-            )
-        elif variant == "adversarial":
-            self._projector = AdversarialProjection(
-                dim=self.projection_dim,
-                steps=self.inner_steps,
-                lr=inner_lr or _DEFAULT_INNER_LR,
-                lookahead=lookahead,
-                seed=seed,
-            )
+        self.groups: tuple[Group, ...] = self._build_groups()
         self._refreshes = 0
-        self._last_lr: float | None = None
 
     # ------------------------------------------------------------------------------------------------------------
+    # the resolved settings, read by callers and tests
+    @property
+    def variant(self) -> str:
+        """The energy family's name."""
+        return self.config.variant
+
+    @property
+    def s(self) -> float:
+        """The power ``s``."""
+        return self.config.s
+
+    @property
+    def angular(self) -> bool:
+        """Whether the angular distance is used."""
+        return self.config.is_angular
+
+    @property
+    def weight(self) -> float:
+        r""":math:`\kappa` of hidden sets (defaults resolved)."""
+        return self.config.hidden_weight
+
+    @property
+    def head_weight(self) -> float:
+        r""":math:`\kappa` of the classifier (defaults resolved)."""
+        return self.config.head_kappa
+
+    @property
+    def projection_dim(self) -> int | None:
+        """``k`` (defaults resolved)."""
+        return self.config.dim
+
+    @property
+    def num_projections(self) -> int | None:
+        """``C`` (defaults resolved)."""
+        return self.config.num
+
+    @property
+    def inner_steps(self) -> int | None:
+        """Side-optimizer steps per refresh (defaults resolved)."""
+        return self.config.steps
+
+    def __getattr__(self, name: str) -> Any:
+        # the remaining configuration fields (power, seed, eps, include, head, ...), read-only
+        for cfg in ("config", "selection_config"):
+            obj = self.__dict__.get(cfg)
+            if obj is not None and name in type(obj).__dataclass_fields__:
+                return getattr(obj, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     @property
     def identity(self) -> tuple:
         """Stable identity fields (variant and regularized layer names), for state keys."""
@@ -385,39 +207,25 @@ class CoMHERegularizer:
 
     def summary(self) -> str:
         """One line saying what is regularized, which sets run in full space, and what was skipped."""
-        line = self.selection.summary()
-        if self.variant in ("random", "angle", "adversarial"):
-            full = [m.layer for g in self._groups if g.mode == "half" for m in g.members]
-            full = list(dict.fromkeys(full))
-            if full:
-                more = f", … and {len(full) - 5} more" if len(full) > 5 else ""
-                line += f"; unprojected (d <= k={self.projection_dim}): {', '.join(full[:5])}{more}"
-        return line
+        extra = self.family.describe(self.groups)
+        return self.selection.summary() + (f"; {extra}" if extra else "")
 
-    def _build_groups(self) -> list[_Group]:
-        k = self.projection_dim
-        projected_variant = self.variant in ("random", "angle", "adversarial")
-        groups: dict[tuple, _Group] = {}
+    # ------------------------------------------------------------------------------------------------------------
+    def _build_groups(self) -> tuple[Group, ...]:
+        groups: dict[tuple, Group] = {}
         for layer in self.selection.layers:
             for index, (num_sets, n, d) in enumerate(layer.shapes()):
-                if self.variant in PEER_VARIANTS:
-                    role_kappa = self.head_weight if layer.role == "head" else self.weight
-                    mode, kappa, tag = self.variant, role_kappa, layer.role
-                elif layer.role == "head":
-                    mode, kappa, tag = "plain", self.head_weight, "head"
-                elif self.variant == "mhe":
-                    mode, kappa, tag = "plain", self.weight, "hidden"
-                elif self.variant == "half_mhe" or (projected_variant and d <= k):
-                    mode, kappa, tag = "half", self.weight, "hidden"
-                else:
-                    mode, kappa, tag = "projected", self.weight, "hidden"
-                gkey = (tag, mode, n, d)
+                route = self.family.route(layer.role, n, d)
+                gkey = (route.tag, route.mode, n, d)
                 if gkey not in groups:
-                    groups[gkey] = _Group(f"{tag}:{mode}:{n}x{d}", mode, kappa, n, d, [])
-                groups[gkey].members.append(_SetRef(layer.name, index, num_sets))
-        return list(groups.values())
+                    key = f"{route.tag}:{route.mode}:{n}x{d}"
+                    groups[gkey] = Group(key, route.mode, float(route.kappa), n, d, [])
+                groups[gkey].members.append(SetRef(layer.name, index, num_sets))
+        return tuple(groups.values())
 
-    def _group_neurons(self, group: _Group, cache: dict[str, list[Tensor]]) -> Tensor:
+    def group_neurons(self, group: Group, cache: dict[str, list[Tensor]] | None = None) -> Tensor:
+        """The current ``(G, N, d)`` neurons of ``group`` (differentiable); ``cache`` shares layer extractions."""
+        cache = {} if cache is None else cache
         parts = []
         for m in group.members:
             if m.layer not in cache:
@@ -427,7 +235,7 @@ class CoMHERegularizer:
 
     # ------------------------------------------------------------------------------------------------------------
     def refresh(self, lr: float | None = None) -> None:
-        """Prepare the projections for the next optimizer step; call it once per step, before :meth:`__call__`.
+        """Prepare the energy for the next optimizer step; call it once per step, before :meth:`__call__`.
 
         Random projections are redrawn when due (every ``resample_every`` calls). Learned projections take
         ``inner_steps`` side-optimizer steps on the current (detached) weights, with learning rate ``inner_lr``, or
@@ -436,29 +244,11 @@ class CoMHERegularizer:
         Args:
             lr: The main optimizer's current learning rate.
         """
-        _check_float("lr", lr)
+        check_float("lr", lr, allow_none=True)
         self._refreshes += 1
-        self._last_lr = lr
-        if self.variant == "srip":
-            cache_srip: dict[str, list[Tensor]] = {}
-            for group in self._groups:
-                self._srip_vector(group, self._group_neurons(group, cache_srip), advance=True)
-        if self._projector is None:
-            return
-        if isinstance(self._projector, RandomProjection):
-            self._projector.step()
-            return
+        self.family.lr = lr
         cache: dict[str, list[Tensor]] = {}
-        step_lr = self._inner_lr()
-        with torch.no_grad():
-            groups = [(g, self._group_neurons(g, cache).detach()) for g in self._groups if g.mode == "projected"]
-        for group, neurons in groups:
-            self._projector.fit(group.key, neurons, lr=step_lr)
-
-    def _inner_lr(self) -> float:
-        if self.inner_lr is not None:
-            return float(self.inner_lr)
-        return float(self._last_lr) if self._last_lr is not None else _DEFAULT_INNER_LR
+        self.family.refresh(self.groups, lambda group: self.group_neurons(group, cache))
 
     def __call__(self) -> RegularizerOutput:
         r"""Compute the penalty :math:`\sum_s \kappa_s E_s` and the per-layer energies."""
@@ -469,9 +259,8 @@ class CoMHERegularizer:
         cache: dict[str, list[Tensor]] = {}
         penalty: Tensor | None = None
         per_layer: dict[str, list[Tensor]] = {}
-        for group in self._groups:
-            neurons = self._group_neurons(group, cache)
-            energy = self._group_energy(group, neurons)  # (G,)
+        for group in self.groups:
+            energy = self.family.energy(group, self.group_neurons(group, cache))  # (G,)
             term = energy.sum() * group.kappa
             penalty = term if penalty is None else penalty + term
             detached = energy.detach()
@@ -483,66 +272,51 @@ class CoMHERegularizer:
         energies = {name: torch.cat(parts).mean() for name, parts in per_layer.items()}
         return RegularizerOutput(penalty=penalty, energies=energies)
 
-    def _srip_vector(self, group: _Group, neurons: Tensor, advance: bool) -> Tensor:
-        """The group's persistent power-iteration vectors, created on first use; ``advance`` runs the iterations."""
-        current = self._srip_vectors.get(group.key)
-        if current is None:
-            generator = torch.Generator().manual_seed(key_seed(self.seed, f"srip:{group.key}"))
-            current = srip_power_iteration(
-                neurons, None, self.srip_iterations, normalize=self.ortho_normalize, eps=self.eps, generator=generator
-            )
-        elif advance:
-            current = srip_power_iteration(
-                neurons, current, self.srip_iterations, normalize=self.ortho_normalize, eps=self.eps
-            )
-        self._srip_vectors[group.key] = current
-        return current
+    def lazy_penalty(self, step: int, every_n_steps: int = 1, lr: float | None = None) -> RegularizerOutput | None:
+        r"""Lazy regularization for hand-written loops: refresh and compute only on the steps ``step % m == 0``.
 
-    def _group_energy(self, group: _Group, neurons: Tensor) -> Tensor:
-        if group.mode in ("orthogonal", "orthonormal"):
-            normalize = group.mode == "orthonormal" or self.ortho_normalize
-            return soft_orthogonality(neurons, normalize=normalize, eps=self.eps, check_finite=False)
-        if group.mode == "srip":
-            vectors = self._srip_vector(group, neurons, advance=False)
-            return srip(
-                neurons,
-                vectors,
-                normalize=self.ortho_normalize,
-                squared=self.srip_squared,
-                eps=self.eps,
-                check_finite=False,
-            )
-        kw: dict[str, Any] = {"power": self.s, "angular": self.angular, "eps": self.eps}
-        if group.mode == "plain":
-            return hyperspherical_energy(neurons, half_space=False, check_finite=False, **kw)
-        if group.mode == "half":
-            return hyperspherical_energy(neurons, half_space=True, check_finite=False, **kw)
-        if isinstance(self._projector, RandomProjection) and self._projector.kind != "gaussian":
-            # structured projections are applied, never materialised: (G, C, N, k) -> half-space energy per set
-            v = self._projector.project(group.key, neurons)
-            g, c, n, k = v.shape
-            energy = hyperspherical_energy(v.reshape(g * c, n, k), half_space=True, check_finite=False, **kw)
-            return energy.reshape(g, c).mean(-1)
-        if isinstance(self._projector, RandomProjection):
-            dtype = torch.float64 if neurons.dtype == torch.float64 else torch.float32
-            proj = self._projector.projections(group.key, neurons.shape[0], group.dim, neurons.device, dtype)
-        else:
-            assert self._projector is not None
-            proj = self._projector.projections(group.key, neurons, lr=self._inner_lr())
-        return projected_energy(neurons, proj, half_space=True, check_finite=False, **kw)
+        The penalty of a penalized step is weighted by ``m = every_n_steps`` (StyleGAN2's lazy R1 regularization),
+        so that on average it counts once per step; on the other steps nothing is computed and ``None`` is returned.
+
+        Args:
+            step: The optimizer step about to be taken (0, 1, 2, ...).
+            every_n_steps: ``m >= 1``.
+            lr: The main optimizer's current learning rate (see :meth:`refresh`).
+
+        Returns:
+            ``None``, or the output with ``penalty`` :math:`= m R` and ``scale = m``.
+
+        Example::
+
+            >>> model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 3))
+            >>> reg = CoMHERegularizer(model, "mhe")
+            >>> [reg.lazy_penalty(step, every_n_steps=4) is None for step in range(5)]
+            [False, True, True, True, False]
+        """
+        check_int("step", step, 0)
+        check_int("every_n_steps", every_n_steps, 1)
+        if step % every_n_steps:
+            return None
+        self.refresh(lr)
+        out = self.compute()
+        if every_n_steps > 1:
+            out = RegularizerOutput(out.penalty * every_n_steps, out.energies, every_n_steps)
+        return out
 
     # ------------------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume bit-exactly: step count, projection generators, learned projections."""
-        return {
-            "version": 1,
+        state: dict[str, Any] = {
+            "version": _STATE_VERSION,
             "variant": self.variant,
             "layers": [layer.name for layer in self.selection.layers],
             "refreshes": self._refreshes,
-            "last_lr": self._last_lr,
-            "projector": None if self._projector is None else self._projector.state_dict(),
-            "srip_vectors": {key: v.detach().clone() for key, v in self._srip_vectors.items()},
+            "last_lr": self.family.lr,
+            "projector": None,
+            "srip_vectors": {},
         }
+        state.update(self.family.state_dict())
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`. Tensors move to the weights' device lazily, at the next use.
@@ -561,7 +335,5 @@ class CoMHERegularizer:
                 f"({len(state.get('layers') or [])} layers saved, {len(layers)} selected now)."
             )
         self._refreshes = int(state.get("refreshes", 0))
-        self._last_lr = state.get("last_lr")
-        if self._projector is not None and state.get("projector") is not None:
-            self._projector.load_state_dict(state["projector"])
-        self._srip_vectors = {key: v.detach().clone() for key, v in (state.get("srip_vectors") or {}).items()}
+        self.family.lr = state.get("last_lr")
+        self.family.load_state_dict(state)

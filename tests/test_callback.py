@@ -2,6 +2,7 @@
 
 import csv
 import inspect
+import typing
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -16,6 +17,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from lightning_comhe.callback import CoMHE
+from lightning_comhe.config import EnergyConfig, ScheduleConfig, SelectionConfig, config_fields
 from lightning_comhe.regularizer import CoMHERegularizer
 from tests.helpers import (
     HIDDEN,
@@ -346,7 +348,7 @@ def test_projection_kind_needs_the_random_variant() -> None:
 
 
 def test_every_argument_reaches_the_regularizer() -> None:
-    """Each CoMHE argument (but the callback's own ``log_every``/``name``) is forwarded to CoMHERegularizer."""
+    """Each CoMHE argument (but the schedule: ``every_n_steps``, ``log_every``, ``name``) reaches CoMHERegularizer."""
     values = {
         "variant": "adversarial",
         "weight": 0.3,
@@ -369,12 +371,33 @@ def test_every_argument_reaches_the_regularizer() -> None:
         "ortho_normalize": True,
         "srip_iterations": 2,
         "srip_squared": True,
+        "eps": 1e-3,
     }
-    callback_params = set(inspect.signature(CoMHE).parameters) - {"log_every", "name"}
+    callback_params = set(inspect.signature(CoMHE).parameters) - {"every_n_steps", "log_every", "name"}
     assert callback_params == set(values)
-    forwarded = CoMHE(**values).regularizer_kwargs()
+    callback = CoMHE(**values)
+    forwarded = callback.regularizer_kwargs()
     assert forwarded == values
-    assert set(forwarded) <= set(inspect.signature(CoMHERegularizer).parameters)
+    model = TinyMLP()
+    reg = CoMHERegularizer(model, **{**forwarded, "std_conv": "raw", "include": None, "head": "auto"})
+    assert reg.config == callback.energy_config
+    assert reg.eps == 1e-3 and reg.seed == 11 and reg.inner_lr == 0.2 and reg.projection_dim == 5
+
+
+def _owner(name: str) -> type:
+    return next(cls for cls in (EnergyConfig, SelectionConfig, ScheduleConfig) if name in cls.__dataclass_fields__)
+
+
+def test_signature_matches_the_config_fields() -> None:
+    """The flat CoMHE signature is the one copy of the config fields: same names, order, defaults and types."""
+    params = list(inspect.signature(CoMHE).parameters.values())
+    config = config_fields()
+    assert [p.name for p in params] == list(config)
+    hints = typing.get_type_hints(CoMHE.__init__)
+    for p in params:
+        assert p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD, p.name
+        assert p.default == config[p.name].default, p.name
+        assert hints[p.name] == typing.get_type_hints(_owner(p.name))[p.name], p.name
 
 
 def test_state_key_uses_identity_fields_only() -> None:
@@ -424,25 +447,28 @@ def test_instances_without_names_warn_about_log_collisions() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"variant": "spherical"}, r"variant=.*'mhe', 'half_mhe', 'random', 'angle', 'adversarial'.*'spherical'"),
-        ({"projection_dim": 0}, r"projection_dim=.*>= 1.*got 0"),
-        ({"num_projections": 0}, r"num_projections=.*>= 1.*got 0"),
-        ({"variant": "angle", "num_projections": 4}, r"num_projections=.*must be 1"),
-        ({"weight": -1.0}, r"weight=.*>= 0.*got -1.0"),
-        ({"head_weight": float("nan")}, r"head_weight=.*got nan"),
-        ({"resample_every": 0}, r"resample_every=.*>= 1"),
-        ({"log_every": 0}, r"log_every=.*>= 1"),
-        ({"inner_steps": -1}, r"inner_steps=.*>= 0"),
-        ({"inner_lr": 0.0}, r"inner_lr=.*> 0"),
-        ({"power": "b2"}, r"power=.*'b2'"),
-        ({"power": -1.0}, r"power="),
-        ({"lookahead": "third"}, r"lookahead=.*'none', 'first', 'second'"),
-        ({"grouped": "merge"}, r"grouped="),
-        ({"std_conv": "whitened"}, r"std_conv="),
-        ({"include": "net.("}, r"include=.*invalid regular expression"),
-        ({"exclude": ["ok", 3]}, r"exclude="),
-        ({"seed": -1}, r"seed="),
-        ({"name": "a/b"}, r"name="),
+        (
+            {"variant": "spherical"},
+            r"`variant` must be one of 'mhe', 'half_mhe', 'random', 'angle', 'adversarial'.*got 'spherical'",
+        ),
+        ({"projection_dim": 0}, r"`projection_dim` must be an int >= 1.*got 0"),
+        ({"num_projections": 0}, r"`num_projections` must be an int >= 1.*got 0"),
+        ({"variant": "angle", "num_projections": 4}, r"`num_projections` must be 1 .*got 4"),
+        ({"weight": -1.0}, r"`weight` must be a finite float >= 0.*got -1.0"),
+        ({"head_weight": float("nan")}, r"`head_weight` must be a finite float >= 0.*got nan"),
+        ({"resample_every": 0}, r"`resample_every` must be an int >= 1, got 0"),
+        ({"log_every": 0}, r"`log_every` must be an int >= 1, got 0"),
+        ({"inner_steps": -1}, r"`inner_steps` must be an int >= 0.*got -1"),
+        ({"inner_lr": 0.0}, r"`inner_lr` must be a finite float > 0.*got 0.0"),
+        ({"power": "b2"}, r"`power` must be .*got 'b2'"),
+        ({"power": -1.0}, r"`power` must be .*got -1.0"),
+        ({"lookahead": "third"}, r"`lookahead` must be one of 'none', 'first', 'second', got 'third'"),
+        ({"grouped": "merge"}, r"`grouped` must be one of 'per_group', 'skip', got 'merge'"),
+        ({"std_conv": "whitened"}, r"`std_conv` must be one of 'raw', 'standardized', got 'whitened'"),
+        ({"include": "net.("}, r"`include` must hold valid regular expressions, got 'net.\('"),
+        ({"exclude": ["ok", 3]}, r"`exclude` must be a regex string, a list of regex strings or None, got \['ok', 3\]"),
+        ({"seed": -1}, r"`seed` must be an int >= 0, got -1"),
+        ({"name": "a/b"}, r"`name` must be None or a non-empty string without '/', got 'a/b'"),
     ],
 )
 def test_invalid_arguments_raise(kwargs: dict[str, Any], match: str) -> None:

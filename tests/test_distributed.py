@@ -44,12 +44,14 @@ COMHE = {
 }
 
 
-def _config(name: str, variant: str, *, accumulate: int = 1, batch_size: int = 4, max_steps: int = 4) -> dict:
+def _config(
+    name: str, variant: str, *, accumulate: int = 1, batch_size: int = 4, max_steps: int = 4, every_n_steps: int = 1
+) -> dict:
     """One fit of the worker. 15 samples: 8 per rank and epoch (one padded index); batch 4 -> 2 batches per rank,
     batch 3 -> 3 batches (3 + 3 + 2), i.e. a ragged accumulation window of 1 with ``accumulate=2``."""
     return {
         "name": name,
-        "comhe": {**COMHE[variant], "seed": 7},
+        "comhe": {**COMHE[variant], "seed": 7, **({"every_n_steps": every_n_steps} if every_n_steps > 1 else {})},
         "accumulate": accumulate,
         "batch_size": batch_size,
         "max_steps": max_steps,
@@ -64,6 +66,8 @@ DDP_CONFIGS = [
     _config("adversarial", "adversarial"),
     _config("random_acc2", "random", accumulate=2, batch_size=3, max_steps=4),
     _config("angle_acc2", "angle", accumulate=2, batch_size=3, max_steps=4),
+    # lazy regularization: the penalty (×2) on steps 0, 2, 4 only, with accumulation
+    _config("random_lazy2_acc2", "random", accumulate=2, batch_size=3, max_steps=5, every_n_steps=2),
 ]
 MULTINODE_CONFIGS = [
     _config("random", "random"),
@@ -168,15 +172,26 @@ def _check(
         "accumulate": config["accumulate"],
         "dtype": dtype,
     }
-    penalty = regularizer_penalty(CoMHERegularizer(ref, **config["comhe"]))
-    _, penalties = reference_fit_data_parallel(ref, dataset, penalty_fn=penalty, **common)
+    comhe = dict(config["comhe"])
+    every = comhe.pop("every_n_steps", 1)
+    dense = regularizer_penalty(CoMHERegularizer(ref, **comhe))
+    logged: list[torch.Tensor] = []
+
+    def penalty(step: int, lr: float) -> torch.Tensor:  # lazy regularization: m·R on the steps step % m == 0
+        if step % every:
+            return torch.zeros((), dtype=dtype, requires_grad=True)
+        value = dense(step, lr)
+        logged.append(value.detach().clone())
+        return every * value
+
+    reference_fit_data_parallel(ref, dataset, penalty_fn=penalty, **common)
     reference_fit_data_parallel(plain, dataset, penalty_fn=None, **common)
     ref_weights = {k: v.detach() for k, v in ref.named_parameters()}
     plain_weights = {k: v.detach() for k, v in plain.named_parameters()}
     assert ref_weights.keys() == r0["weights"].keys()
     for k, v in ref_weights.items():
         torch.testing.assert_close(r0["weights"][k], v, atol=atol, rtol=rtol, msg=lambda m, k=k: f"{k}: {m}")
-    torch.testing.assert_close(r0["penalty"], penalties[-1], atol=atol, rtol=rtol)
+    torch.testing.assert_close(r0["penalty"], logged[-1], atol=atol, rtol=rtol)  # R of the last penalized step
     assert max((r0["weights"][k] - plain_weights[k]).abs().max().item() for k in plain_weights) > 1e-3
 
 

@@ -80,12 +80,16 @@ def test_metric_conventions():
     assert HypersphericalEnergy.higher_is_better is False
     assert HypersphericalEnergy.is_differentiable is False
     assert HypersphericalEnergy.full_state_update is False
-    with pytest.raises(ValueError, match="power"):
+    with pytest.raises(ValueError, match=r"`power` must be .*got 'b3'"):
         HypersphericalEnergy(power="b3")
-    with pytest.raises(ValueError, match="half_space"):
+    with pytest.raises(ValueError, match=r"`half_space` must be a bool, got 'yes'"):
         HypersphericalEnergy(half_space="yes")
-    with pytest.raises(ValueError, match="grouped"):
+    with pytest.raises(ValueError, match=r"`grouped` must be one of 'per_group', 'skip', got 'all'"):
         HypersphericalEnergy(grouped="all")
+    with pytest.raises(ValueError, match=r"`std_conv` must be one of 'raw', 'standardized', got 'white'"):
+        HypersphericalEnergy(std_conv="white")
+    with pytest.raises(ValueError, match=r"`eps` must be a finite float > 0, got 0"):
+        HypersphericalEnergy(eps=0)
     with pytest.raises(TypeError, match="nn.Module"):
         HypersphericalEnergy().update(torch.randn(3, 3))
 
@@ -172,12 +176,18 @@ def test_matches_regularizer_mhe_energies_on_timm_model():
 def test_plot_returns_figure():
     pytest.importorskip("matplotlib")
     import matplotlib
+    import matplotlib.figure
 
     matplotlib.use("Agg", force=True)
     metric = HypersphericalEnergy()
     metric.update(_model())
+    metric.update(_model())
+    out = metric.compute()
     fig, ax = metric.plot()
-    assert fig is not None and ax is not None
+    assert isinstance(fig, matplotlib.figure.Figure) and ax in fig.axes
+    # one bar/point per key of compute(): the plot shows the metric's values, not an empty axis
+    drawn = [t.get_text() for t in ax.get_xticklabels()] + [line.get_label() for line in ax.get_lines()]
+    assert any(name in " ".join(drawn) for name in out if name != "total") or len(ax.patches) + len(ax.lines) > 0
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -85,7 +85,7 @@ def test_batched_groups_equal_per_layer_loop_values_and_grads() -> None:
     out = reg()
     grads = torch.autograd.grad(out.penalty, [model[2].weight, model[4].weight])
     # per-layer loop with the same projections (slices of the group's draw)
-    proj = reg._projector.projections("hidden:projected:16x144", 2, 144, "cpu", torch.float64)
+    proj = reg.family.projector.projections("hidden:projected:16x144", 2, 144, "cpu", torch.float64)
     loop = projected_energy(_rows(model[2]), proj[0]) + projected_energy(_rows(model[4]), proj[1])
     ref = torch.autograd.grad(loop, [model[2].weight, model[4].weight])
     for g, r in zip(grads, ref, strict=True):
@@ -123,7 +123,7 @@ def test_learned_projection_penalty_uses_fitted_projection(variant: str) -> None
     before = None
     for lr in (0.5, 0.5):
         reg.refresh(lr)
-        p = reg._projector.get_projection("hidden:projected:16x144")
+        p = reg.family.projector.get_projection("hidden:projected:16x144")
         if before is not None:
             assert not torch.equal(p, before)  # the side optimizer moved P
         before = p

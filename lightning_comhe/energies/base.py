@@ -1,0 +1,154 @@
+r"""The protocol of an energy family, and the groups of neuron sets it works on.
+
+The regularizer splits a model's neuron sets into :class:`Group`\ s of equal shape and equal treatment (one batched
+computation each) and hands them to one :class:`EnergyFamily`. A family answers three questions:
+
+* :meth:`EnergyFamily.route`: how is a set of ``N`` neurons of dimension ``d`` with a role (``"hidden"`` or
+  ``"head"``) treated: which *mode* (a name the family understands) and which :math:`\kappa`;
+* :meth:`EnergyFamily.refresh`: what changes between optimizer steps (random projections redrawn, learned
+  projections fitted, power-iteration vectors advanced);
+* :meth:`EnergyFamily.energy`: the differentiable energy of each set of a group, ``(G, N, d) -> (G,)``;
+
+plus :meth:`~EnergyFamily.state_dict` / :meth:`~EnergyFamily.load_state_dict` for bit-exact resume. A new variant is
+one new subclass registered with :func:`~lightning_comhe.energies.register_energy`.
+"""
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, NamedTuple
+
+from torch import Tensor
+
+from lightning_comhe.config import EnergyConfig
+from lightning_comhe.functional.energy import hyperspherical_energy
+
+__all__ = ["EnergyFamily", "Group", "NeuronsOf", "Route", "SetRef", "mhe_energy"]
+
+
+@dataclass(frozen=True)
+class SetRef:
+    """One layer's tensor of equally shaped neuron sets inside a group."""
+
+    layer: str
+    tensor_index: int  # which of the layer's extracted tensors
+    num_sets: int
+
+
+@dataclass
+class Group:
+    """Neuron sets of one shape ``(N, d)`` and one treatment, computed together as a ``(G, N, d)`` batch.
+
+    Attributes:
+        key: Stable name, ``"<tag>:<mode>:<N>x<d>"``; projections and other state are keyed by it.
+        mode: The family's name for the treatment (``"plain"``, ``"half"``, ``"projected"``, ...).
+        kappa: The weight of each set's energy in the penalty.
+        num_neurons: ``N``.
+        dim: ``d``.
+        members: The layers' tensors stacked in this group, in order.
+    """
+
+    key: str
+    mode: str
+    kappa: float
+    num_neurons: int
+    dim: int
+    members: list[SetRef] = field(default_factory=list)
+
+    @property
+    def num_sets(self) -> int:
+        """``G``: how many sets the group stacks."""
+        return sum(m.num_sets for m in self.members)
+
+
+class Route(NamedTuple):
+    """How a family treats a set: group ``tag`` (sets of different tags never share a group), ``mode`` and κ."""
+
+    tag: str
+    mode: str
+    kappa: float
+
+
+#: ``neurons_of(group)``: the group's current ``(G, N, d)`` neurons (differentiable, not detached).
+NeuronsOf = Callable[[Group], Tensor]
+
+
+def mhe_energy(config: EnergyConfig, neurons: Tensor, *, half_space: bool) -> Tensor:
+    """Full-space (``half_space=False``) or half-space MHE of every set, with the config's power and eps."""
+    return hyperspherical_energy(
+        neurons, config.s, half_space=half_space, angular=config.is_angular, eps=config.eps, check_finite=False
+    )
+
+
+class EnergyFamily:
+    r"""One energy family: routes neuron sets, refreshes its state between steps, and computes group energies.
+
+    Subclasses set :attr:`name` and implement :meth:`hidden_mode` (or :meth:`route`) and, for modes of their own,
+    :meth:`energy`. The base class computes the MHE modes ``"plain"`` (full space) and ``"half"`` (half space)
+    and routes the classifier to full-space MHE with ``head_weight``, as the official code does.
+
+    Attributes:
+        config: The validated :class:`~lightning_comhe.config.EnergyConfig`.
+        lr: The main optimizer's learning rate at the last :meth:`refresh` (``None`` if unknown).
+
+    Example::
+
+        >>> import torch
+        >>> from lightning_comhe.energies import EnergyFamily, register_energy
+        >>> @register_energy("doc_cosine")
+        ... class MeanCosine(EnergyFamily):
+        ...     '''Mean squared cosine of the hidden sets' neurons (a toy family).'''
+        ...     def hidden_mode(self, n, d):
+        ...         return "cos2"
+        ...     def energy(self, group, neurons):
+        ...         if group.mode != "cos2":
+        ...             return super().energy(group, neurons)
+        ...         u = torch.nn.functional.normalize(neurons, dim=-1)
+        ...         return (u @ u.transpose(1, 2)).pow(2).mean((1, 2))
+        >>> from lightning_comhe import CoMHERegularizer
+        >>> reg = CoMHERegularizer(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 3)), "doc_cosine")
+        >>> reg.refresh()
+        >>> sorted(g.mode for g in reg.groups)
+        ['cos2', 'plain']
+    """
+
+    name: ClassVar[str] = ""
+    #: Whether :meth:`refresh` uses :attr:`lr` (the callback reads the optimizer's learning rate only then).
+    uses_lr: ClassVar[bool] = False
+
+    def __init__(self, config: EnergyConfig) -> None:
+        self.config = config
+        self.lr: float | None = None
+
+    # ------------------------------------------------------------------------------------------------------------
+    def hidden_mode(self, n: int, d: int) -> str:
+        """The mode of a hidden set of ``n`` neurons of dimension ``d`` (subclasses override)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement `hidden_mode` or `route`.")
+
+    def route(self, role: str, n: int, d: int) -> Route:
+        """The treatment of a set: the head gets full-space MHE (``head_weight``), hidden sets :meth:`hidden_mode`."""
+        if role == "head":
+            return Route("head", "plain", self.config.head_kappa)
+        return Route("hidden", self.hidden_mode(n, d), self.config.hidden_weight)
+
+    def refresh(self, groups: Sequence[Group], neurons_of: NeuronsOf) -> None:  # noqa: B027 - optional hook
+        """Advance the family's state for the next optimizer step (nothing by default)."""
+
+    def energy(self, group: Group, neurons: Tensor) -> Tensor:
+        """The energy of every set of ``group``: ``(G, N, d) -> (G,)``, differentiable in ``neurons``."""
+        if group.mode == "plain":
+            return mhe_energy(self.config, neurons, half_space=False)
+        if group.mode == "half":
+            return mhe_energy(self.config, neurons, half_space=True)
+        raise ValueError(f"`group.mode` must be 'plain' or 'half' for {type(self).__name__}, got {group.mode!r}.")
+
+    def describe(self, groups: Sequence[Group]) -> str:
+        """Extra words for the regularizer's one-line summary (empty by default)."""
+        return ""
+
+    # ------------------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The family's state (merged into the regularizer's state dict; keys must not clash with its own)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027 - optional hook
+        """Restore :meth:`state_dict` (``state`` is the regularizer's whole state dict)."""

@@ -1,0 +1,148 @@
+r"""The CoMHE families: half-space MHE of projected neurons (Lin et al., CVPR 2020).
+
+* ``"random"`` (RP-CoMHE): the mean over ``C`` fresh random ``k × d`` projections of half-space MHE;
+* ``"angle"`` (AP-CoMHE): half-space MHE after a projection fitted to preserve the angles;
+* ``"adversarial"``: half-space MHE after a projection fitted to maximise the energy.
+
+A hidden set whose dimension ``d`` is at most ``k`` gets half-space MHE without projection: this generalizes the
+official rule for the first layer (``d = 27 <= k``). The classifier gets full-space MHE (the base class's route).
+"""
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_comhe.config import EnergyConfig
+from lightning_comhe.energies.base import EnergyFamily, Group, NeuronsOf, mhe_energy
+from lightning_comhe.functional._dtype import compute_dtype
+from lightning_comhe.functional.energy import projected_energy
+from lightning_comhe.functional.expected import expected_projected_energy
+from lightning_comhe.projections import AdversarialProjection, AngleProjection, RandomProjection
+
+__all__ = ["LearnedProjectionEnergy", "ProjectedFamily", "RandomProjectionEnergy"]
+
+#: The side optimizer's learning rate when neither ``inner_lr`` nor the main optimizer's is known (official base lr).
+DEFAULT_INNER_LR = 0.1
+
+
+class ProjectedFamily(EnergyFamily):
+    """Shared routing of the projected families: ``"projected"`` if ``d > k``, else unprojected ``"half"``."""
+
+    def hidden_mode(self, n: int, d: int) -> str:
+        """``"half"`` for ``d <= k``, else ``"projected"``."""
+        assert self.config.dim is not None
+        return "half" if d <= self.config.dim else "projected"
+
+    def describe(self, groups: Sequence[Group]) -> str:
+        """Which layers run unprojected."""
+        full = list(dict.fromkeys(m.layer for g in groups if g.mode == "half" for m in g.members))
+        if not full:
+            return ""
+        more = f", … and {len(full) - 5} more" if len(full) > 5 else ""
+        return f"unprojected (d <= k={self.config.dim}): {', '.join(full[:5])}{more}"
+
+    projector: Any  # RandomProjection | AngleProjection | AdversarialProjection (None where nothing is drawn)
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"projector": ...}``: the generators and draws, or the fitted projections and their side optimizer."""
+        return {"projector": None if self.projector is None else self.projector.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the projector (none saved: keep the fresh one)."""
+        if self.projector is not None and state.get("projector") is not None:
+            self.projector.load_state_dict(state["projector"])
+
+    def _kw(self) -> dict[str, Any]:
+        return {"power": self.config.s, "angular": self.config.is_angular, "eps": self.config.eps}
+
+
+class RandomProjectionEnergy(ProjectedFamily):
+    r"""``"random"``: :math:`\frac{1}{C}\sum_c E([W P_c^\top; -W P_c^\top])` with fresh projections.
+
+    With ``projection_kind="expected"`` the mean over ``C → ∞`` Gaussian projections, computed exactly
+    (:func:`~lightning_comhe.functional.expected.expected_projected_energy`): no draws and no random state.
+    """
+
+    name = "random"
+
+    def __init__(self, config: EnergyConfig) -> None:
+        super().__init__(config)
+        assert config.dim is not None
+        if config.projection_kind == "expected":
+            self.projector = None  # the exact C → ∞ mean: nothing is drawn
+            return
+        assert config.num is not None
+        self.projector = RandomProjection(
+            dim=config.dim,
+            num=config.num,
+            resample_every=config.resample_every,
+            seed=config.seed,
+            kind=config.projection_kind,
+        )
+
+    def refresh(self, groups: Sequence[Group], neurons_of: NeuronsOf) -> None:
+        """Redraw the projections when due (every ``resample_every`` refreshes)."""
+        if self.projector is not None:
+            self.projector.step()
+
+    def energy(self, group: Group, neurons: Tensor) -> Tensor:
+        """The mean projected half-space energy of every set (unprojected modes: the base class)."""
+        if group.mode != "projected":
+            return super().energy(group, neurons)
+        if self.projector is None:
+            cfg = self.config
+            assert cfg.dim is not None
+            return expected_projected_energy(
+                neurons, cfg.dim, cfg.s, angular=cfg.is_angular, eps=cfg.eps, check_finite=False
+            )
+        if self.projector.kind != "gaussian":
+            # structured projections are applied, never materialised: (G, C, N, k) -> half-space energy per set
+            v = self.projector.project(group.key, neurons)
+            g, c, n, k = v.shape
+            return mhe_energy(self.config, v.reshape(g * c, n, k), half_space=True).reshape(g, c).mean(-1)
+        proj = self.projector.projections(
+            group.key, neurons.shape[0], group.dim, neurons.device, compute_dtype(neurons)
+        )
+        return projected_energy(neurons, proj, half_space=True, check_finite=False, **self._kw())
+
+
+class LearnedProjectionEnergy(ProjectedFamily):
+    r"""``"angle"`` / ``"adversarial"``: one learned ``k × d`` projection per set, fitted by a side SGD."""
+
+    name = "angle"
+    uses_lr = True
+
+    def __init__(self, config: EnergyConfig) -> None:
+        super().__init__(config)
+        assert config.dim is not None and config.steps is not None
+        cls = AngleProjection if config.variant == "angle" else AdversarialProjection
+        self.projector: AngleProjection | AdversarialProjection = cls(
+            dim=config.dim,
+            steps=config.steps,
+            lr=DEFAULT_INNER_LR if config.inner_lr is None else config.inner_lr,
+            lookahead=config.lookahead,
+            seed=config.seed,
+        )
+
+    def inner_lr(self) -> float:
+        """``inner_lr``, else the main optimizer's learning rate at the last refresh, else 0.1."""
+        if self.config.inner_lr is not None:
+            return float(self.config.inner_lr)
+        return float(self.lr) if self.lr is not None else DEFAULT_INNER_LR
+
+    def refresh(self, groups: Sequence[Group], neurons_of: NeuronsOf) -> None:
+        """``inner_steps`` side-optimizer steps on the detached weights of every projected group."""
+        lr = self.inner_lr()
+        with torch.no_grad():
+            fits = [(g, neurons_of(g).detach()) for g in groups if g.mode == "projected"]
+        for group, neurons in fits:
+            self.projector.fit(group.key, neurons, lr=lr)
+
+    def energy(self, group: Group, neurons: Tensor) -> Tensor:
+        """Half-space energy after the fitted projection (with the configured look-ahead)."""
+        if group.mode != "projected":
+            return super().energy(group, neurons)
+        proj = self.projector.projections(group.key, neurons, lr=self.inner_lr())
+        return projected_energy(neurons, proj, half_space=True, check_finite=False, **self._kw())
