@@ -382,7 +382,7 @@ def test_no_arguments_prints_help(capsys):
         main([])
     assert info.value.code == 0
     out = capsys.readouterr().out
-    assert "usage: comhe" in out and "energy" in out and "fit" in out
+    assert "usage: comhe" in out and "fit" in out and "comhe energy --help" in out
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -403,7 +403,23 @@ def _bad_image_folder(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize(
     "case",
-    ["unknown_model", "missing_folder", "wrong_format", "bad_variant", "missing_cifar", "bad_value", "energy_unknown"],
+    [
+        "unknown_model",
+        "missing_folder",
+        "wrong_format",
+        "bad_variant",
+        "missing_cifar",
+        "bad_value",
+        "bad_report_value",
+        "bad_type",
+        "nested_bad_type",
+        "unknown_class",
+        "missing_init_arg",
+        "missing_config",
+        "unknown_flag",
+        "fit_only_flag",
+        "energy_unknown",
+    ],
 )
 def test_bad_input_one_line(case, tmp_path, capsys):
     args, needles = {
@@ -421,11 +437,89 @@ def test_bad_input_one_line(case, tmp_path, capsys):
             ["fit", "--data", "CIFARDataModule", "--data.root", str(tmp_path)],
             ["cifar10 files not found", "data_batch_1"],
         ),
-        "bad_value": (["fit", "--comhe.weight", "-1"], ["weight", "-1"]),
+        "bad_value": (["fit", "--comhe.weight", "-1"], ["--comhe.weight", ">= 0", "-1"]),
+        "bad_report_value": (["fit", "--report.every_n_epochs", "0"], ["--report.every_n_epochs", ">= 1", "got 0"]),
+        "bad_type": (["fit", "--comhe.weight", "abc"], ["comhe.weight", "float", "abc"]),
+        "nested_bad_type": (["fit", "--data.image_size", "x"], ["data", "image_size", "int", "x"]),
+        "unknown_class": (["fit", "--data", "NoSuchDataModule"], ["data", "NoSuchDataModule"]),
+        "missing_init_arg": (["fit", "--data", "CIFARDataModule"], ["data", "CIFARDataModule", "required", "root"]),
+        "missing_config": (["fit", "--config", str(tmp_path / "nope.yaml")], ["config", "nope.yaml"]),
+        "unknown_flag": (["fit", "--bogus", "1"], ["unrecognized", "--bogus"]),
+        "fit_only_flag": (["validate", "--test_after_fit", "false"], ["unrecognized", "--test_after_fit"]),
         "energy_unknown": (["energy", "resnet1000"], ["unknown timm model 'resnet1000'"]),
     }[case]
     assert main(args) == 2
     _assert_one_line_error(2, capsys.readouterr().err, *needles)
+
+
+def test_argument_error_line_follows_the_cause_chain():
+    """The only reading of jsonargparse's text: each level's heading, then the innermost message, on one line."""
+    from jsonargparse import ArgumentError
+
+    from lightning_comhe.cli import _argument_error_line
+
+    def chained(outer: BaseException, inner: BaseException) -> BaseException:
+        outer.__cause__ = inner
+        return outer
+
+    innermost = ValueError("Expected a <class 'int'>. Got value: x")
+    key = chained(TypeError('Parser key "image_size":\n  ' + str(innermost)), innermost)
+    problem = chained(ValueError("Problem with given class_path 'a.B':\n  " + str(key)), key)
+    union = chained(ValueError("Does not validate against any of the Union subtypes\nSubtypes: [...]"), problem)
+    top = chained(ArgumentError(None, 'Parser key "data":\n  Does not validate ...\n  Given value: x'), union)
+    assert _argument_error_line(top) == (
+        """Parser key "data": Problem with given class_path 'a.B': Parser key "image_size": """
+        "Expected a <class 'int'>. Got value: x"
+    )
+    assert _argument_error_line(ArgumentError(None, "unrecognized arguments: --x 1")) == "unrecognized arguments: --x 1"
+
+
+def test_no_private_lightning_api():
+    """The CLI modules touch no private attribute of Lightning or jsonargparse, and shadow none of theirs."""
+    import ast
+
+    import lightning_comhe.cli as cli
+    from lightning_comhe.cli.data import CIFARDataModule, DigitsDataModule, ImageFolderDataModule
+
+    package = Path(cli.__file__).parent
+    files = [package / "__init__.py", package / "model.py", package / "report.py", package / "errors.py"]
+    files += sorted((package / "data").glob("*.py"))
+    for path in files:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        defined = {n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+        defined |= {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+        defined |= {
+            t.attr
+            for n in ast.walk(tree)
+            if isinstance(n, (ast.Assign, ast.AnnAssign))
+            for t in (n.targets if isinstance(n, ast.Assign) else [n.target])
+            if isinstance(t, ast.Attribute)
+        }
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+                assert node.attr in defined, f"{path.name}:{node.lineno}: private attribute .{node.attr}"
+            if isinstance(node, ast.ImportFrom) and not (node.module or "").startswith("lightning_comhe"):
+                private = [a.name for a in node.names if a.name.startswith("_")]
+                assert not private, f"{path.name}:{node.lineno}: private import {private} from {node.module}"
+    classes = [cli.ComheCLI, cli.ComheArgumentParser, TimmClassifier, ComheReport]
+    classes += [DigitsDataModule, ImageFolderDataModule, CIFARDataModule]
+    for cls in classes:
+        bases = [b for b in cls.__mro__[1:] if not b.__module__.startswith("lightning_comhe")]
+        for name in vars(cls):
+            if name.startswith("_") and not name.startswith("__"):
+                owner = next((b for b in bases if name in vars(b)), None)
+                assert owner is None, f"{cls.__name__}.{name} overrides the private {owner.__qualname__}.{name}"
+
+
+def test_fit_baseline_without_test(tmp_path, capsys):
+    """``--comhe.enabled false --test_after_fit false``: no CoMHE callback, no test, the report still prints."""
+    args = ["fit", "--comhe.enabled", "false", "--test_after_fit", "false", "--trainer.fast_dev_run", "true"]
+    assert main([*args, "--trainer.default_root_dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "CoMHE report: TimmClassifier(resnet10t) on DigitsDataModule, no CoMHE" in out
+    assert re.search(r"test accuracy\s+n/a", out) and re.search(r"final penalty\s+n/a", out)
+    data = json.loads((tmp_path / "comhe_report.json").read_text())
+    assert data["variant"] is None and data["test"] == {} and data["final_penalty"] is None
 
 
 def test_no_layer_selected_is_one_line(tmp_path, capsys):

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from lightning_comhe.cli.errors import ModelError
 from lightning_comhe.cli.model import TimmClassifier, create_timm_model
+from lightning_comhe.config import EnergyConfig, SelectionConfig
 from lightning_comhe.discovery import NeuronLayer, discover_layers
 from lightning_comhe.functional.energy import hyperspherical_energy, parse_power
 from lightning_comhe.metric import layer_energies
@@ -54,6 +55,14 @@ def build_parser(prog: str = "comhe energy") -> ArgumentParser:
     parser.add_argument(
         "--grouped", type=Literal["per_group", "skip"], default="per_group", help="Grouped convs: per_group or skip."
     )
+    parser.add_argument(
+        "--std_conv",
+        "--std-conv",
+        type=Literal["raw", "standardized"],
+        default="raw",
+        help="timm standardized convs: the raw or the standardized weight.",
+    )
+    parser.add_argument("--eps", type=float, default=1e-4, help="The constant inside each norm's square root.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the random weights and reference neurons.")
     parser.add_argument("--device", type=str, default="cpu", help="Device to compute on (e.g. cuda).")
     return parser
@@ -94,14 +103,20 @@ def load_model(
 
 
 def random_reference(
-    layer: NeuronLayer, power: Any = 2, *, half_space: bool = False, angular: bool = False, seed: int = 0
+    layer: NeuronLayer,
+    power: Any = 2,
+    *,
+    half_space: bool = False,
+    angular: bool = False,
+    seed: int = 0,
+    eps: float = 1e-4,
 ) -> Tensor:
     """Energy of Gaussian neurons with the shapes of ``layer``'s sets (mean over sets), seeded per layer."""
     generator = torch.Generator().manual_seed(seed)
     values = []
     for s, n, d in layer.shapes():
         neurons = torch.randn(s, n, d, generator=generator)
-        values.append(hyperspherical_energy(neurons, power, half_space=half_space, angular=angular))
+        values.append(hyperspherical_energy(neurons, power, half_space=half_space, angular=angular, eps=eps))
     return torch.cat(values).mean()
 
 
@@ -115,20 +130,30 @@ def energy_table(
     *,
     half_space: bool = False,
     angular: bool = False,
-    include: list[str] | None = None,
-    exclude: list[str] | None = None,
-    head: str | None = "auto",
+    include: str | list[str] | None = None,
+    exclude: str | list[str] | None = None,
+    head: str | list[str] | None = "auto",
     grouped: Literal["per_group", "skip"] = "per_group",
+    std_conv: Literal["raw", "standardized"] = "raw",
+    eps: float = 1e-4,
     seed: int = 0,
+    selection: SelectionConfig | None = None,
 ) -> list[EnergyRow]:
-    """Per-layer energy and random reference of ``model`` (the rows ``comhe energy`` prints)."""
-    s, angular = parse_power(power, angular)
-    selection = discover_layers(model, include=include, exclude=exclude, head=head, grouped=grouped)
-    energies = layer_energies(selection, s, half_space=half_space, angular=angular)
+    """Per-layer energy and random reference of ``model`` (the rows ``comhe energy`` prints).
+
+    The layers are chosen by ``selection`` (a :class:`~lightning_comhe.config.SelectionConfig`), or by the same
+    five keyword arguments (``include``, ``exclude``, ``head``, ``grouped``, ``std_conv``) as the callback.
+    """
+    if selection is None:
+        selection = SelectionConfig(include=include, exclude=exclude, head=head, grouped=grouped, std_conv=std_conv)
+    energy = EnergyConfig(variant="half_mhe" if half_space else "mhe", power=power, angular=angular, eps=eps)
+    s, angular = energy.s, energy.is_angular
+    layers = discover_layers(model, **selection.discovery_kwargs())
+    energies = layer_energies(layers, s, half_space=half_space, angular=angular, eps=eps)
     rows = []
-    for layer in selection.layers:
+    for layer in layers.layers:
         shapes = layer.shapes()
-        ref = random_reference(layer, s, half_space=half_space, angular=angular, seed=seed)
+        ref = random_reference(layer, s, half_space=half_space, angular=angular, seed=seed, eps=eps)
         rows.append(
             EnergyRow(
                 name=layer.name,
@@ -220,6 +245,8 @@ def energy_main(args: list[str]) -> int:
             exclude=cfg.exclude,
             head=cfg.head,
             grouped=cfg.grouped,
+            std_conv=cfg.std_conv,
+            eps=cfg.eps,
             seed=cfg.seed,
         )
     except ValueError as err:

@@ -1,6 +1,6 @@
 """User-facing errors of the ``comhe`` command: printed as one ``error: ...`` line, without a traceback."""
 
-__all__ = ["CLIError", "DataError", "DataNotFoundError", "ModelError"]
+__all__ = ["CLIError", "ConfigError", "DataError", "DataNotFoundError", "ModelError"]
 
 
 class CLIError(Exception):
@@ -8,6 +8,10 @@ class CLIError(Exception):
 
     Set the environment variable ``COMHE_TRACEBACK=1`` to get the full traceback instead.
     """
+
+
+class ConfigError(CLIError, ValueError):
+    """An argument group of the command (``--comhe.*``, ``--report.*``) has a value its class refuses."""
 
 
 class DataError(CLIError, ValueError):

@@ -65,7 +65,7 @@ def create_timm_model(
     import timm
 
     if not isinstance(model_name, str) or not model_name:
-        raise ModelError(f"`model_name` must be a timm model name; got {model_name!r}.")
+        raise ModelError(f"`model_name` must be a timm model name, got {model_name!r}.")
     has_source = ":" in model_name and not model_name.startswith(("/", "\\"))
     if not has_source and not timm.is_model(model_name):
         close = close_model_names(model_name)
@@ -145,7 +145,7 @@ class TimmClassifier(LightningModule):
     ) -> None:
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ModelError(f"`num_classes` must be an int >= 1; got {num_classes!r}.")
+            raise ModelError(f"`num_classes` must be an int >= 1, got {num_classes!r}.")
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         kwargs = dict(model_kwargs or {})
         if drop_rate:
@@ -198,7 +198,10 @@ class TimmClassifier(LightningModule):
         if self.lr_scheduler == "constant":
             return optimizer
         if self.lr_scheduler == "cosine":
-            total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
+            try:
+                total = max(1, int(self.trainer.estimated_stepping_batches))
+            except RuntimeError:  # not attached to a Trainer (called by hand): a one-step schedule
+                total = 1
 
             def cosine(step: int) -> float:
                 return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
@@ -208,7 +211,7 @@ class TimmClassifier(LightningModule):
                 "lr_scheduler": {"scheduler": LambdaLR(optimizer, cosine), "interval": "step"},
             }
         if not callable(self.lr_scheduler):
-            raise ModelError(f"`lr_scheduler` must be 'cosine', 'constant' or a callable; got {self.lr_scheduler!r}.")
+            raise ModelError(f"`lr_scheduler` must be 'cosine', 'constant' or a callable, got {self.lr_scheduler!r}.")
         scheduler = self.lr_scheduler(optimizer)
         config: dict[str, Any] = {"scheduler": scheduler, "interval": "epoch"}
         if isinstance(scheduler, ReduceLROnPlateau):

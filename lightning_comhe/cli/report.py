@@ -75,9 +75,9 @@ class ComheReport(Callback):
     ) -> None:
         super().__init__()
         if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 1:
-            raise ValueError(f"`every_n_epochs` must be an int >= 1; got {every_n_epochs!r}.")
+            raise ValueError(f"`every_n_epochs` must be an int >= 1, got {every_n_epochs!r}.")
         if not filename or os.sep in filename:
-            raise ValueError(f"`filename` must be a file name without folder; got {filename!r}.")
+            raise ValueError(f"`filename` must be a file name without folder, got {filename!r}.")
         self.plot = plot
         self.filename = filename
         self.dirpath = dirpath
