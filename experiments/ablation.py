@@ -26,25 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from experiments.common import (
-    ARCH_LABELS,
-    ARCHS,
-    RunSpec,
-    Setup,
-    build_model,
-    environment,
-    experiment_parser,
-    fmt_mean_std,
-    load_splits,
-    mean_std,
-    print_progress,
-    publish,
-    pyplot,
-    resolve_setup,
-    run,
-    run_many,
-    save_figure,
-)
+from experiments.cli import Setup, experiment_parser, resolve_setup
+from experiments.data import load_splits
+from experiments.models import ARCH_LABELS, ARCHS, build_model
+from experiments.publishing import environment, fmt_mean_std, mean_std, publish, pyplot, save_figure
+from experiments.runner import RunSpec, default_kappas, print_progress, run, run_many
 
 DEFAULT_SEEDS = (0, 1, 2)
 DEFAULT_KS = (10, 20, 40, 80)
@@ -231,7 +217,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "runs": runs,
     }
     stem = f"ablation_{setup.data.kind}"
-    intro = "Default κ (hidden 1, classifier 10); layers with d ≤ k run unprojected half-space MHE."
+    hidden, head = default_kappas("random")
+    intro = f"Default κ (hidden {hidden:g}, classifier {head:g}); layers with d ≤ k run unprojected half-space MHE."
     publish(setup, stem, results, plot, intro, tables(results), seconds, "ablation")
     return results
 

@@ -24,25 +24,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from experiments.common import (
-    ARCH_LABELS,
-    ARCHS,
-    ROW_LABELS,
-    ROWS,
-    RunSpec,
-    Setup,
-    default_kappas,
-    environment,
-    experiment_parser,
-    fmt_mean_std,
-    mean_std,
-    print_progress,
-    publish,
-    pyplot,
-    resolve_setup,
-    run_many,
-    save_figure,
-)
+from experiments.cli import Setup, experiment_parser, resolve_setup
+from experiments.models import ARCH_LABELS, ARCHS
+from experiments.publishing import environment, fmt_mean_std, mean_std, publish, pyplot, save_figure
+from experiments.runner import ROW_LABELS, ROWS, RunSpec, default_kappas, print_progress, run_many
 
 DEFAULT_SEEDS = tuple(range(10))
 DEFAULT_TUNE_SEEDS = (100, 101)
@@ -112,7 +97,8 @@ def tables(results: dict[str, Any]) -> str:
         cells = []
         for a in archs:
             mult = chosen.get(a, {}).get(row, 1.0)
-            hid, hd = default_kappas(row)
+            done = [r for r in runs if r["spec"]["arch"] == a and r["spec"]["variant"] == row]
+            hid, hd = default_kappas(row, done[0]["spec"]["comhe"] if done else ())
             cells.append(f"×{mult:g} ({hid * mult:g} / {hd * mult:g})")
         kappa += f"| {ROW_LABELS[row]} | " + " | ".join(cells) + " |\n"
     cost = head + "".join(

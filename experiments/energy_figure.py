@@ -19,21 +19,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from experiments.common import (
-    ARCH_LABELS,
-    ARCHS,
-    ROW_LABELS,
-    RunSpec,
-    environment,
-    experiment_parser,
-    mean_std,
-    print_progress,
-    publish,
-    pyplot,
-    resolve_setup,
-    run_many,
-    save_figure,
-)
+from experiments.cli import experiment_parser, resolve_setup
+from experiments.models import ARCH_LABELS, ARCHS
+from experiments.publishing import environment, mean_std, publish, pyplot, save_figure
+from experiments.runner import ROW_LABELS, RunSpec, default_kappas, print_progress, run_many
 
 DEFAULT_SEEDS = (0, 1, 2)
 DEFAULT_VARIANTS = ("baseline", "mhe", "half_mhe", "random", "angle", "adversarial")
@@ -221,8 +210,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "runs": runs,
     }
     stem = f"energy_{setup.data.kind}" + (f"_{args.tag}" if args.tag else "")
+    hidden, head = default_kappas("mhe")  # every energy variant (MHE, half-space MHE, CoMHE) has the same defaults
     intro = (
-        f"Architecture: {ARCH_LABELS[args.arch]}; default κ (hidden 1, classifier 10); "
+        f"Architecture: {ARCH_LABELS[args.arch]}; default κ (hidden {hidden:g}, classifier {head:g}); "
         f"energy recorded every {every} steps."
     )
     publish(setup, stem, results, plot, intro, summary(results), seconds, "energy")

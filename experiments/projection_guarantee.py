@@ -29,12 +29,12 @@ from typing import Any
 
 import torch
 
-from experiments.common import (
+from experiments.cli import experiment_parser
+from experiments.publishing import (
     DEFAULT_DOC,
     DEFAULT_OUT,
     doc_figure,
     environment,
-    experiment_parser,
     pyplot,
     save_figure,
     update_doc_block,

@@ -15,7 +15,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from experiments import ablation, accuracy, energy_figure, projection_guarantee
-from experiments.common import ARCHS, environment, experiment_parser, resolve_setup, update_doc_block, write_text
+from experiments.cli import experiment_parser, resolve_setup
+from experiments.models import ARCHS
+from experiments.publishing import environment, update_doc_block, write_text
 
 
 def _without(argv: Sequence[str], option: str) -> list[str]:

@@ -8,8 +8,11 @@ import numpy as np
 import pytest
 
 from experiments import accuracy, run_all
-from experiments.common import doc_figure, update_doc_block
 from experiments.projection_guarantee import bound, holds
+from experiments.publishing import doc_figure, update_doc_block
+from experiments.runner import RunSpec, comhe_kwargs, default_kappas
+from lightning_comhe import CoMHE
+from lightning_comhe.config import PEER_DEFAULT_WEIGHTS, EnergyConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -101,3 +104,36 @@ def test_helpers() -> None:
     import torch
 
     assert holds(torch.tensor([0.4, 0.9]), 0.4, 0.1) == 0.5
+
+
+def _kappas(variant: str, mult: float = 1.0, comhe: tuple = ()) -> tuple[float, float]:
+    kwargs = comhe_kwargs(RunSpec(arch="cnn6", variant=variant, seed=0, kappa_mult=mult, comhe=comhe), "net.score")
+    assert kwargs is not None
+    CoMHE(**kwargs)  # the arguments a run passes are valid
+    return kwargs["weight"], kwargs["head_weight"]
+
+
+@pytest.mark.parametrize("mult", [1.0, 0.1, 10.0])
+def test_run_kappas_are_the_library_defaults_times_the_multiplier(mult: float) -> None:
+    approx = pytest.approx
+    # ordinary powers: 1 hidden / 10 classifier
+    assert _kappas("random", mult) == approx((1.0 * mult, 10.0 * mult))
+    assert _kappas("mhe", mult, (("power", 1),)) == approx((1.0 * mult, 10.0 * mult))
+    assert _kappas("half_mhe", mult, (("power", "a0"),)) == approx((1.0 * mult, 10.0 * mult))  # s = 0 is not s > 0
+    # angular powers s > 0: 0.1 / 1, whether from the "a" strings or angular=True
+    assert _kappas("mhe", mult, (("power", "a2"),)) == approx((0.1 * mult, 1.0 * mult))
+    assert _kappas("angle", mult, (("power", "a1"),)) == approx((0.1 * mult, 1.0 * mult))
+    assert _kappas("random", mult, (("power", 2), ("angular", True))) == approx((0.1 * mult, 1.0 * mult))
+    # the peers: their own weight, classifier included
+    for peer, weight in PEER_DEFAULT_WEIGHTS.items():
+        assert _kappas(peer, mult) == approx((weight * mult, weight * mult))
+    # the same values the library resolves when κ is left to it
+    for variant, comhe in (("random", ()), ("mhe", (("power", "a2"),)), ("srip", ())):
+        cfg = EnergyConfig(variant=variant, **dict(comhe))
+        assert _kappas(variant, mult, comhe) == approx((cfg.hidden_weight * mult, cfg.head_kappa * mult))
+
+
+def test_run_kappas_explicit_weights_and_baseline() -> None:
+    assert _kappas("mhe", 10.0, (("power", "a2"), ("weight", 0.5))) == pytest.approx((0.5, 10.0))
+    assert comhe_kwargs(RunSpec(arch="cnn6", variant="baseline", seed=0), "net.score") is None
+    assert default_kappas("mhe", [["power", "a2"]]) == (0.1, 1.0)  # the lists of a JSON record work too
