@@ -23,13 +23,23 @@ RESULTS = REPO_ROOT / "benchmarks" / "results"
 DOC_IMG = REPO_ROOT / "docs" / "img" / "benchmarks"
 
 #: The energy variants of the issue, plus the opt-in structured projections of RP-CoMHE.
-VARIANTS: tuple[str, ...] = ("mhe", "half_mhe", "random", "random_sparse", "random_srht", "angle", "adversarial")
+VARIANTS: tuple[str, ...] = (
+    "mhe",
+    "half_mhe",
+    "random",
+    "random_sparse",
+    "random_srht",
+    "random_expected",
+    "angle",
+    "adversarial",
+)
 VARIANT_LABELS = {
     "mhe": "MHE (full space)",
     "half_mhe": "half-space MHE",
     "random": "RP-CoMHE (Gaussian, official)",
     "random_sparse": "RP-CoMHE, sparse projection",
     "random_srht": "RP-CoMHE, SRHT projection",
+    "random_expected": "RP-CoMHE, expected (C → ∞)",
     "angle": "AP-CoMHE",
     "adversarial": "adversarial CoMHE",
 }
@@ -52,6 +62,23 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (median reported)")
     return parser
+
+
+def add_thread_counts(parser: argparse.ArgumentParser, default: Sequence[int]) -> None:
+    """``--thread-counts``: torch thread counts measured side by side, interleaved in one run (overrides
+    ``--threads``)."""
+    parser.add_argument(
+        "--thread-counts",
+        type=int,
+        nargs="+",
+        default=list(default),
+        help="torch thread counts timed side by side in the same run, interleaved (default: %(default)s)",
+    )
+
+
+def thread_key(name: str, threads: int) -> str:
+    """The key of a function timed at ``threads`` threads in :func:`interleaved` (``"name@threads"``)."""
+    return f"{name}@{threads}"
 
 
 def setup(args: argparse.Namespace) -> torch.device:
@@ -115,16 +142,45 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def set_threads(threads: int) -> None:
+    """Switch torch's intra-op threads, then wake the new pool (a few small matmuls) so no timing pays for it."""
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+        a = torch.ones(256, 256)
+        for _ in range(3):
+            torch.mm(a, a)
+
+
 def interleaved(
-    fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1, device: torch.device | None = None
+    fns: dict[str, Callable[[], Any]],
+    repeats: int,
+    warmup: int = 1,
+    device: torch.device | None = None,
+    threads: dict[str, int] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Time several functions round-robin (so drift and other tenants of the machine hit them alike).
 
-    Returns, per name, the median / min wall time, the median process CPU time and every wall time (seconds).
+    Args:
+        fns: The functions, by name.
+        repeats: Timed rounds; each round calls every function once, in an order rotated from round to round.
+        warmup: Untimed rounds first.
+        device: Synchronised around each call (CUDA).
+        threads: Optional torch thread count per name: set (:func:`set_threads`) before each call of that function,
+            so several thread counts are measured interleaved in the same run. Restored afterwards.
+
+    Returns:
+        Per name, the median / min wall time, the median process CPU time and every wall time (seconds).
     """
     device = device or torch.device("cpu")
+    threads_before = torch.get_num_threads()
+
+    def prepare(name: str) -> None:
+        if threads is not None:
+            set_threads(threads[name])
+
     for _ in range(warmup):
-        for fn in fns.values():
+        for name, fn in fns.items():
+            prepare(name)
             fn()
     sync(device)
     wall: dict[str, list[float]] = {k: [] for k in fns}
@@ -133,12 +189,14 @@ def interleaved(
     for r in range(repeats):
         order = names[r % len(names) :] + names[: r % len(names)]  # rotate: no fixed position in the round
         for name in order:
+            prepare(name)
             sync(device)
             t0, c0 = time.perf_counter(), time.process_time()
             fns[name]()
             sync(device)
             wall[name].append(time.perf_counter() - t0)
             cpu[name].append(time.process_time() - c0)
+    set_threads(threads_before)
     return {
         k: {
             "median_s": statistics.median(wall[k]),
@@ -204,7 +262,7 @@ def group_shapes(reg) -> list[dict[str, Any]]:
     """Per group of the regularizer: mode, sets G, neurons N, dimension d."""
     return [
         {"key": g.key, "mode": g.mode, "sets": g.num_sets, "n": g.num_neurons, "d": g.dim, "kappa": g.kappa}
-        for g in reg._groups
+        for g in reg.groups
     ]
 
 
@@ -217,6 +275,8 @@ def floor_flops(reg) -> dict[str, float]:
     * Grams: ``2·N²·k`` forward and as much backward per projected set (``4·ΣN²·k·C``), ``4·N²·d`` per full-space set.
     * Learned projections, per refresh: the angle objective's full-space cosines ``2·N²·d`` once, and per inner step
       ``4·N·d·k + 4·N²·k``; adversarial: ``4·N·d·k + 4·N²·k`` per inner step.
+    * The expected kind (``projection_kind="expected"``, the exact C → ∞ mean): no projection, one full-space Gram
+      per set, ``4·N²·d`` (forward and backward), as MHE.
     """
     import math
 
@@ -225,9 +285,9 @@ def floor_flops(reg) -> dict[str, float]:
     k, c = reg.projection_dim, reg.num_projections
     kind = getattr(reg, "projection_kind", "gaussian")
     proj = gram = inner = 0.0
-    for g in reg._groups:
+    for g in reg.groups:
         sets, n, d = g.num_sets, g.num_neurons, g.dim
-        if g.mode in ("plain", "half"):
+        if g.mode in ("plain", "half") or (reg.variant == "random" and kind == "expected"):
             gram += sets * 4.0 * n * n * d
             continue
         gram += sets * 4.0 * n * n * k * c

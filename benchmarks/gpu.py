@@ -10,13 +10,18 @@ It checks, in order (each step prints PASS/FAIL and never stops the rest):
 1. every energy variant on CUDA against float64 CPU (values, gradients), degenerate sets included;
 2. the ``torch.compile`` (Triton) kernel against the eager CUDA kernel, and its speed;
 3. the structured projections (``sparse`` through cuSPARSE, ``srht``) against their dense matrices on CUDA;
-4. the regularizer on ResNet-18 on CUDA against CPU (deterministic variants), and every variant finite;
+4. the regularizer on ResNet-18 on CUDA against CPU (the deterministic variants: MHE, half-space MHE, the expected
+   kind of RP-CoMHE), and every variant finite;
 5. a bf16-autocast training step with the regularizer, and fp16 with a ``GradScaler`` through the Lightning
    ``CoMHE`` callback;
+6. the cheap settings through the Lightning callback on the device: ``projection_kind="expected"`` with
+   ``every_n_steps`` = 1 and 4 (the penalty is evaluated on exactly the steps ``global_step % m == 0``, the weights
+   stay finite, and the expected kind's penalty on the device equals CPU's);
 
-then runs ``floor``, ``overhead`` (batch 256, bf16 autocast of the model), ``scale`` (C = 1 and C = 20 at
-N = 65,536) and ``memory`` with ``--device cuda``, writing to ``benchmarks/results/gpu/``. Target: RP-CoMHE at the
-official defaults ≤ 10% step overhead on ResNet-50. ``--device cpu --quick`` exercises the same code on a CPU.
+then runs ``floor``, ``overhead`` (batch 256, bf16 autocast of the model), the cost ``ladder`` (32×32 and 224×224,
+including the expected kind and ``every_n_steps`` rungs), ``scale`` (C = 1 and C = 20 at N = 65,536) and ``memory``
+with ``--device cuda``, writing to ``benchmarks/results/gpu/``. Target: RP-CoMHE at the official defaults ≤ 10% step
+overhead on ResNet-50. ``--device cpu --quick`` exercises the same code on a CPU.
 """
 
 import json
@@ -140,7 +145,7 @@ def check_regularizer(device: torch.device, quick: bool) -> dict[str, float]:
         out = reg_d()
         out.penalty.backward()
         assert torch.isfinite(out.penalty), variant
-        if variant in ("mhe", "half_mhe"):
+        if variant in ("mhe", "half_mhe", "random_expected"):  # the deterministic variants
             reg_c = common.make_regularizer(cpu_model, variant)
             reg_c.refresh(0.1)
             ref = reg_c().penalty
@@ -209,6 +214,83 @@ def check_mixed_precision(device: torch.device, quick: bool) -> dict[str, Any]:
     return result
 
 
+def check_cheap_settings(device: torch.device, quick: bool) -> dict[str, Any]:
+    """The expected kind and lazy regularization through the Lightning callback on ``device``."""
+    import torch.nn.functional as F
+
+    name = "tiny" if quick else "resnet18"
+    torch.manual_seed(0)
+    cpu_model = common.create_model(name)
+    dev_model = common.create_model(name)
+    dev_model.load_state_dict(cpu_model.state_dict())
+    dev_model.to(device)
+    # the expected kind is deterministic: the device's penalty and gradient equal CPU's
+    reg_c, reg_d = (common.make_regularizer(m, "random_expected") for m in (cpu_model, dev_model))
+    out_c, out_d = reg_c(), reg_d()
+    err = abs(out_d.penalty.item() - out_c.penalty.item()) / abs(out_c.penalty.item())
+    assert err < 1e-4, err
+    result: dict[str, Any] = {"expected_rel_err_vs_cpu": err}
+    try:
+        import lightning.pytorch as pl
+
+        from lightning_comhe.callback import CoMHE
+    except Exception as err:  # noqa: BLE001
+        result["lightning"] = f"skipped: {err}"
+        return result
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = common.create_model(name)
+
+        def training_step(self, batch, _):
+            return F.cross_entropy(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+    class Spy(pl.Callback):
+        """The global steps at which the regularizer computed a penalty."""
+
+        def __init__(self):
+            self.steps: list[int] = []
+            self.trainer = None
+
+        def on_train_start(self, trainer, pl_module):
+            self.trainer = trainer
+            for cb in trainer.callbacks:
+                if isinstance(cb, CoMHE) and cb.regularizer is not None:
+                    inner = cb.regularizer.compute
+
+                    def counted(inner=inner):
+                        self.steps.append(self.trainer.global_step)
+                        return inner()
+
+                    cb.regularizer.compute = counted
+
+    steps = 8
+    data = TensorDataset(torch.randn(8 * steps, 3, 32, 32), torch.randint(0, 100, (8 * steps,)))
+    for every in (1, 4):
+        spy = Spy()
+        module = Module()
+        trainer = pl.Trainer(
+            max_steps=steps,
+            accelerator="gpu" if device.type == "cuda" else "cpu",
+            devices=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[CoMHE("random", projection_kind="expected", every_n_steps=every), spy],
+        )
+        trainer.fit(module, DataLoader(data, batch_size=8))
+        assert all(torch.isfinite(p).all() for p in module.parameters())
+        assert spy.steps == [s for s in range(steps) if s % every == 0], (every, spy.steps)
+        result[f"every_{every}_penalized_steps"] = spy.steps
+    return result
+
+
 def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = common.base_parser(__doc__.splitlines()[0])
     parser.set_defaults(device="cuda", out=common.RESULTS / "gpu")
@@ -226,20 +308,25 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     _check("structured projections", lambda: check_structured(device, args.quick), checks)
     _check("regularizer vs CPU", lambda: check_regularizer(device, args.quick), checks)
     _check("bf16 autocast and fp16 GradScaler", lambda: check_mixed_precision(device, args.quick), checks)
+    _check("expected kind and every_n_steps (Lightning)", lambda: check_cheap_settings(device, args.quick), checks)
     report["checks"] = checks
     if not args.skip_benchmarks:
-        from benchmarks import floor, memory, overhead, scale
+        from benchmarks import floor, ladder, memory, overhead, scale
 
         common_args = ["--device", args.device, "--out", str(args.out), "--threads", str(args.threads)]
         common_args += ["--quick"] if args.quick else []
         # sized for a 15-minute device budget (each spawned process pays a CUDA start-up); --full runs everything
         light = not args.full and not args.quick
-        few = ["--variants", "half_mhe", "random", "random_sparse", "angle"] if light else []
+        few = ["--variants", "half_mhe", "random", "random_sparse", "random_expected", "angle"] if light else []
         runs = {
             "floor": (floor.run, ["--repeats", "3"] if light else []),
             "overhead": (
                 overhead.run,
                 ["--batch-size", "8" if args.quick else "256", "--amp", "bf16"] + (["--repeats", "3"] if light else []),
+            ),
+            "ladder": (
+                ladder.run,
+                ["--thread-counts", str(args.threads)] + (["--repeats", "1", "--large-steps", "8"] if light else []),
             ),
             "scale": (
                 scale.run,

@@ -7,10 +7,17 @@ energy right away, which has the FLOPs of one big graph but keeps only one energ
 (the one-graph version runs out of 24 GiB on ResNet-50, ``algorithm.md`` §11). Both sides use the same layers (the
 regularizer's selection) and the same projections (the regularizer's current draw); the values are asserted equal.
 
-    python -m benchmarks.kernel                # resnet18, resnet50, vit_small (patch 4, 32×32)
+Every thread count of ``--thread-counts`` (default 1 and 2) is timed in the same process, interleaved round by
+round. A model whose naive port takes more than 10 s per call (measured by the value check) gets one timed round
+unless ``--repeats`` is given.
+
+    python -m benchmarks.kernel                # resnet18, resnet50; 1 and 2 threads
+    python -m benchmarks.kernel --models vit_small --thread-counts 1   # ViT-S/4 (32×32): minutes per naive call
+    python -m benchmarks.kernel --models resnet18 --thread-counts 2
     python -m benchmarks.kernel --quick        # tiny sizes (smoke test)
 """
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -36,14 +43,14 @@ def leaf_sets(reg) -> list[tuple[Any, torch.Tensor]]:
     """The regularizer's groups with detached leaf copies of their neurons (G, N, d)."""
     cache: dict = {}
     with torch.no_grad():
-        return [(g, reg._group_neurons(g, cache).detach().clone().requires_grad_(True)) for g in reg._groups]
+        return [(g, reg.group_neurons(g, cache).detach().clone().requires_grad_(True)) for g in reg.groups]
 
 
 def group_projections(reg, sets) -> dict[str, torch.Tensor]:
     out = {}
     for group, w in sets:
         if group.mode == "projected":
-            out[group.key] = reg._projector.projections(group.key, w.shape[0], w.shape[2], w.device, w.dtype)
+            out[group.key] = reg.family.projector.projections(group.key, w.shape[0], w.shape[2], w.device, w.dtype)
     return out
 
 
@@ -78,7 +85,7 @@ def library_energies(reg, sets) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     total = None
     energies = {}
     for group, w in sets:
-        e = reg._group_energy(group, w)
+        e = reg.family.energy(group, w)
         energies[group.key] = e.detach().double()
         term = group.kappa * e.sum()
         total = term if total is None else total + term
@@ -89,10 +96,13 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = common.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=None)
     parser.add_argument("--variants", nargs="+", default=["random", "half_mhe"])
+    common.add_thread_counts(parser, (1, 2))
     args = parser.parse_args(argv)
     device = common.setup(args)
-    models = args.models or (["tiny"] if args.quick else ["resnet18", "resnet50", "vit_small"])
-    repeats = args.repeats or (2 if args.quick else 3)
+    counts = list(dict.fromkeys(args.thread_counts))
+    models = args.models or (["tiny"] if args.quick else ["resnet18", "resnet50"])
+    default_repeats = 2 if args.quick else 3
+    used_repeats: dict[str, int] = {}
     rows, records = [], []
     for name in models:
         torch.manual_seed(0)
@@ -110,7 +120,9 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
             lib_grads = [w.grad.clone() for _, w in sets]
             for _, w in sets:
                 w.grad = None
+            t_check = time.perf_counter()
             naive_total, naive_e = naive_penalty(sets, projs)
+            t_check = time.perf_counter() - t_check
             for key in lib_e:
                 torch.testing.assert_close(lib_e[key], naive_e[key], rtol=1e-4, atol=0, msg=f"{name} {key}")
             grad_err = max(
@@ -131,41 +143,52 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     w.grad = None
                 naive_penalty(sets, projs)
 
-            res = common.interleaved({"naive": naive, "library": library}, repeats=repeats, warmup=0, device=device)
-            speedup = res["naive"]["median_s"] / res["library"]["median_s"]
+            repeats = args.repeats or (1 if t_check > 10 else default_repeats)
+            used_repeats[f"{name}/{variant}"] = repeats
+            fns, threads = {}, {}
+            for t in counts:
+                for side, fn in (("naive", naive), ("library", library)):
+                    fns[common.thread_key(side, t)], threads[common.thread_key(side, t)] = fn, t
+            res = common.interleaved(fns, repeats=repeats, warmup=0, device=device, threads=threads)
             target = TARGETS.get((name, variant))
-            record = {
-                "model": name,
-                "variant": variant,
-                "sets": sum(w.shape[0] for _, w in sets),
-                "groups": common.group_shapes(reg),
-                "naive": res["naive"],
-                "library": res["library"],
-                "speedup": speedup,
-                "speedup_cpu_time": res["naive"]["cpu_median_s"] / res["library"]["cpu_median_s"],
-                "target": target,
-                "met": None if target is None else speedup >= target,
-                "penalty": naive_total,
-                "value_rel_error": value_err,
-                "grad_rel_error": grad_err,
-            }
-            records.append(record)
-            rows.append(
-                [
-                    common.MODEL_LABELS.get(name, name),
-                    common.VARIANT_LABELS.get(variant, variant),
-                    record["sets"],
-                    common.fmt_s(res["naive"]["median_s"]),
-                    common.fmt_s(res["library"]["median_s"]),
-                    f"**{speedup:.1f}×**",
-                    "–" if target is None else f"≥ {target:.0f}× ({'met' if record['met'] else 'NOT met'})",
-                    f"{value_err:.1e} / {grad_err:.1e}",
-                ]
-            )
-            common.log(f"[kernel]   naive {res['naive']['median_s']:.3f}s library {res['library']['median_s']:.3f}s")
+            for t in counts:
+                nv, lib = res[common.thread_key("naive", t)], res[common.thread_key("library", t)]
+                speedup = nv["median_s"] / lib["median_s"]
+                record = {
+                    "model": name,
+                    "variant": variant,
+                    "threads": t,
+                    "sets": sum(w.shape[0] for _, w in sets),
+                    "groups": common.group_shapes(reg),
+                    "naive": nv,
+                    "library": lib,
+                    "speedup": speedup,
+                    "speedup_cpu_time": nv["cpu_median_s"] / lib["cpu_median_s"],
+                    "target": target,
+                    "met": None if target is None else speedup >= target,
+                    "penalty": naive_total,
+                    "value_rel_error": value_err,
+                    "grad_rel_error": grad_err,
+                }
+                records.append(record)
+                rows.append(
+                    [
+                        common.MODEL_LABELS.get(name, name),
+                        common.VARIANT_LABELS.get(variant, variant),
+                        t,
+                        record["sets"],
+                        common.fmt_s(nv["median_s"]),
+                        common.fmt_s(lib["median_s"]),
+                        f"**{speedup:.1f}×**",
+                        "–" if target is None else f"≥ {target:.0f}× ({'met' if record['met'] else 'NOT met'})",
+                        f"{value_err:.1e} / {grad_err:.1e}",
+                    ]
+                )
+                common.log(f"[kernel]   @{t}: naive {nv['median_s']:.3f}s library {lib['median_s']:.3f}s")
     header = [
         "model",
         "variant",
+        "threads",
         "sets",
         "naive fwd+bwd",
         "library fwd+bwd",
@@ -173,7 +196,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "target",
         "rel. error value / grad",
     ]
-    payload = common.payload("kernel", device, argv, repeats=repeats, records=records)
+    payload = common.payload("kernel", device, argv, repeats=used_repeats, thread_counts=counts, records=records)
     markdown = common.md_table(header, rows)
     common.save("kernel", args.out, payload, markdown)
     plot(records, args.out)
@@ -183,7 +206,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
 def plot(records: list[dict[str, Any]], out) -> None:
     plt = common.pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 3.2))
-    labels = [f"{common.MODEL_LABELS.get(r['model'], r['model'])}\n{r['variant']}" for r in records]
+    labels = [f"{common.MODEL_LABELS.get(r['model'], r['model'])}\n{r['variant']}, {r['threads']}T" for r in records]
     ax.bar(range(len(records)), [r["speedup"] for r in records], color="tab:blue")
     for i, r in enumerate(records):
         if r["target"]:

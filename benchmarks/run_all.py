@@ -1,6 +1,6 @@
 """Run every benchmark and regenerate ``docs/benchmarks.md``.
 
-python -m benchmarks.run_all                       # CPU, all benchmarks (about 30 minutes with 1 thread)
+python -m benchmarks.run_all                       # CPU, all benchmarks (about 45 minutes on 2 cores)
 python -m benchmarks.run_all --threads 1 --skip kernel
 python -m benchmarks.run_all --quick --out /tmp/b --doc /tmp/b/benchmarks.md   # the smoke test
 """
@@ -9,9 +9,9 @@ import argparse
 import time
 from collections.abc import Sequence
 
-from benchmarks import common, compiled, floor, kernel, memory, overhead, report, scale
+from benchmarks import common, compiled, floor, kernel, ladder, memory, overhead, report, scale
 
-BENCHMARKS = ("kernel", "floor", "overhead", "scale", "scale_c20", "memory", "compiled")
+BENCHMARKS = ("kernel", "floor", "overhead", "ladder", "scale", "scale_c20", "memory", "compiled")
 
 
 def run(argv: Sequence[str] | None = None) -> dict[str, float]:
@@ -30,6 +30,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, float]:
         "kernel": (kernel.run, []),
         "floor": (floor.run, []),
         "overhead": (overhead.run, []),
+        "ladder": (ladder.run, []),
         "scale": (scale.run, []),
         "scale_c20": (
             scale.run,

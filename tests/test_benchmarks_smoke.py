@@ -31,9 +31,15 @@ def read(out: Path, name: str) -> dict:
 def test_kernel_benchmark(tmp_path):
     from benchmarks import kernel
 
-    payload = kernel.run([*QUICK, "--out", str(tmp_path)])
+    payload = kernel.run([*QUICK, "--out", str(tmp_path), "--thread-counts", "1", "2"])
     read(tmp_path, "kernel")
     assert {r["variant"] for r in payload["records"]} == {"random", "half_mhe"}
+    assert [(r["variant"], r["threads"]) for r in payload["records"]] == [
+        ("random", 1),
+        ("random", 2),
+        ("half_mhe", 1),
+        ("half_mhe", 2),
+    ]
     for r in payload["records"]:
         assert r["speedup"] > 0 and r["value_rel_error"] < 1e-4 and r["grad_rel_error"] < 1e-3
         assert len(r["naive"]["times_s"]) == len(r["library"]["times_s"]) == 2
@@ -42,17 +48,23 @@ def test_kernel_benchmark(tmp_path):
 def test_floor_benchmark_with_profiles(tmp_path):
     from benchmarks import common, floor
 
-    payload = floor.run([*QUICK, "--out", str(tmp_path), "--variants", "half_mhe", "random_sparse", "angle"])
+    variants = ["half_mhe", "random_sparse", "random_expected", "angle", "adversarial"]
+    payload = floor.run([*QUICK, "--out", str(tmp_path), "--variants", *variants, "--thread-counts", "1", "2"])
     read(tmp_path, "floor")
-    assert [r["variant"] for r in payload["records"]] == ["half_mhe", "random_sparse", "angle"]
+    assert [(r["variant"], r["threads"]) for r in payload["records"]] == [(v, t) for v in variants for t in (1, 2)]
     for r in payload["records"]:
-        assert r["floor_s"] > 0 and r["flops"]["total"] == pytest.approx(
-            sum(r["flops"][k] for k in ("projection", "gram", "inner"))
+        assert (
+            r["floor_s"] > 0
+            and r["matmul_gflops"] > 0
+            and r["flops"]["total"] == pytest.approx(sum(r["flops"][k] for k in ("projection", "gram", "inner")))
         )
-        if not r["met"]:  # at tiny sizes the floor is never met: the profile path runs
-            assert sum(r["profile"]["categories_pct"].values()) == pytest.approx(100, abs=1)
-    assert set(payload["shape_gflops"]) == set(floor.SHAPES)
-    assert set(common.VARIANTS) >= {"mhe", "half_mhe", "random", "angle", "adversarial"}
+    for v in variants:  # at tiny sizes the floor is never met: one profile per variant, at its worst thread count
+        profiled = [r for r in payload["records"] if r["variant"] == v and "profile" in r]
+        assert len(profiled) == 1
+        assert sum(profiled[0]["profile"]["categories_pct"].values()) == pytest.approx(100, abs=1)
+    assert set(payload["shape_gflops"]) == {"1", "2"} and set(payload["shape_gflops"]["2"]) == set(floor.SHAPES)
+    assert "ratio (2 threads)" in (tmp_path / "floor.md").read_text()
+    assert set(common.VARIANTS) >= {"mhe", "half_mhe", "random", "random_expected", "angle", "adversarial"}
 
 
 def test_floor_flops_formula():
@@ -65,6 +77,26 @@ def test_floor_flops_formula():
     proj = 4 * 48 * 72 * 40 * 20
     gram = 4 * 48**2 * 40 * 20 + 4 * 8**2 * 27 + 4 * 100**2 * 48
     assert flops["projection"] == proj and flops["gram"] == gram and flops["inner"] == 0
+    # the expected kind: no projection, the projected set's full-space Gram instead
+    flops = common.floor_flops(common.make_regularizer(model, "random_expected"))
+    assert flops["projection"] == 0 and flops["gram"] == 4 * 48**2 * 72 + 4 * 8**2 * 27 + 4 * 100**2 * 48
+
+
+def test_ladder_benchmark_lazy_and_expected_rungs(tmp_path):
+    from benchmarks import ladder
+
+    payload = ladder.run([*QUICK, "--out", str(tmp_path), "--thread-counts", "1", "2"])
+    read(tmp_path, "ladder")
+    labels = [label for label, _ in ladder.LADDER]
+    assert {"plain", "RP expected", "expected, every 8", "RP official, every 4"} <= set(labels)
+    first = [r for r in payload["records"] if r["image_size"] == 8]
+    assert [(r["rung"], r["threads"]) for r in first] == [(lab, t) for t in (1, 2) for lab in labels]
+    assert {r["threads"] for r in payload["records"] if r["image_size"] == 16} == {1}  # the large size: first count
+    for r in payload["records"]:
+        assert r["step_s"] > 0 and len(r["step_times_s"]) == 8  # 8 timed steps: one period of every_n_steps=8
+    assert next(r for r in first if r["rung"] == "plain")["ratio"] == 1.0
+    assert payload["target_record"]["threads"] == 1 and "target_met" in payload["target_record"]
+    assert ladder.period_cost([1.0, 3.0, 1.0, 3.0], first_step=1, every=2) == 2.0
 
 
 def test_overhead_benchmark_with_lightning(tmp_path):
@@ -113,9 +145,13 @@ def test_compiled_benchmark(tmp_path):
 
 
 def test_run_all_is_one_command(tmp_path):
+    from benchmarks import run_all
+
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "benchmarks.run_all", *QUICK, "--out", str(tmp_path), "--doc", str(tmp_path / "b.md")]
-    cmd += ["--skip", "kernel", "overhead", "scale", "scale_c20", "memory", "compiled"]
+    cmd += ["--skip", "kernel", "overhead", "ladder", "scale", "scale_c20", "memory", "compiled"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert (tmp_path / "floor.json").is_file() and "Closeness to the GEMM floor" in (tmp_path / "b.md").read_text()
+    text = (tmp_path / "b.md").read_text()
+    assert (tmp_path / "floor.json").is_file() and "Closeness to the GEMM floor" in text
+    assert "ladder" in run_all.BENCHMARKS and "cheap preset" in text.lower()
