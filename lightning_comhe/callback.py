@@ -18,6 +18,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_comhe._injection import GradientInjection
 from lightning_comhe._strategy import check_strategy, optimizer_step_index
 from lightning_comhe.config import EnergyConfig, ScheduleConfig, SelectionConfig, split_kwargs
 from lightning_comhe.regularizer import CoMHERegularizer
@@ -25,6 +26,11 @@ from lightning_comhe.regularizer import CoMHERegularizer
 __all__ = ["CoMHE"]
 
 _STATE_VERSION = 1
+
+
+def _batch_index(trainer: "pl.Trainer") -> int:
+    """How many training batches the fit has started: the same for every closure evaluation of one batch."""
+    return trainer.fit_loop.epoch_loop.batch_progress.total.ready
 
 
 class CoMHE(Callback):
@@ -37,11 +43,13 @@ class CoMHE(Callback):
     (``head``) gets full-space MHE with its own weight. See :class:`~lightning_comhe.regularizer.CoMHERegularizer`.
 
     * Projections are refreshed once per optimizer step, before its first backward pass.
-    * Automatic optimization: the penalty counts exactly once per optimizer step, whatever
-      ``accumulate_grad_batches`` is (it is added in full to the first micro-batch of each window). Manual
-      optimization: the penalty is added to the tensor of every ``manual_backward`` call, in place.
+    * The gradient that reaches the optimizer is :math:`\nabla \text{task} + \nabla R` once per optimizer step,
+      whatever ``accumulate_grad_batches`` is (the penalty's gradient joins the first backward of each step), in
+      automatic and manual optimization; every closure re-evaluation of a step (LBFGS, two-pass optimizers) gets
+      it too. The loss is never modified: the penalty's gradient is delivered by gradient hooks
+      (:class:`~lightning_comhe._injection.GradientInjection`), so any last op of the loss (``sqrt``: RMSE) works.
     * fp16 with a GradScaler: the penalty is scaled with the loss. The penalty is computed in float32 outside
-      autocast, then cast to the loss's dtype.
+      autocast.
     * Strategies: single device, DDP and multi-node, FSDP2 (``ModelParallelStrategy``), DeepSpeed ZeRO-1/2.
       FSDP v1 and ZeRO-3 are refused at ``setup``. ``docs/strategies/`` has one page per strategy and mode.
     * Logs ``comhe/penalty`` (:math:`R`, without the ``every_n_steps`` factor) on every penalized step and
@@ -146,6 +154,9 @@ class CoMHE(Callback):
         self._last_refresh_step: int | None = None
         # Global step whose penalty was already added (automatic optimization; runtime only, never restored).
         self._penalized_step: int | None = None
+        self._reevaluated = False  # an optimizer step re-evaluates its closure (LBFGS): penalize that backward too
+        self._closure_batch: int | None = None
+        self._injection = GradientInjection()
 
     def __getattr__(self, name: str) -> Any:
         # the configuration fields, read-only: `callback.variant`, `callback.weight`, ... (as passed, not resolved)
@@ -239,6 +250,8 @@ class CoMHE(Callback):
         # A new fit starts from its own global step; a checkpoint (restored after `setup`) sets it back.
         self._last_refresh_step = None
         self._penalized_step = None
+        self._reevaluated = False
+        self._injection.cancel()
         self._build_on_backward = False
         if self._regularizer is not None and self._module is pl_module:
             return  # a second `fit` with the same module continues with the same state
@@ -296,25 +309,41 @@ class CoMHE(Callback):
         if step % every != 0:
             return  # lazy regularization: nothing is computed or added on this step
         if step != self._last_refresh_step:
+            if regularizer.sync():  # requires_grad or the module tree changed (fine-tuning schedules, a new head)
+                rank_zero_info(f"{'' if self.name is None else f'[{self.name}] '}{regularizer.summary()}")
             regularizer.refresh(self._current_lr(trainer, regularizer))
             self._last_refresh_step = step
-        if pl_module.automatic_optimization:
-            if step == self._penalized_step:
-                return  # later micro-batch of an accumulation window: the penalty was added to the first one
-            self._penalized_step = step
+        if step == self._penalized_step and not (self._reevaluated and self._closure_batch == _batch_index(trainer)):
+            return  # a later micro-batch (or `manual_backward`) of the step: its first backward has the penalty
+        self._penalized_step, self._reevaluated = step, False
         out = regularizer()
         penalty = out.penalty
         added = penalty * every if every > 1 else penalty
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         if scaler is not None:
             added = scaler.scale(added)
-        loss.add_(added.to(loss.dtype))
+        self._injection.arm(loss, added, regularizer.parameters())
 
         prefix = self.log_prefix
         pl_module.log(f"{prefix}/penalty", penalty.detach(), on_step=True, on_epoch=False, sync_dist=False)
         if (step // every) % self.log_every == 0:
             for layer, energy in out.energies.items():
                 pl_module.log(f"{prefix}/energy/{layer}", energy, on_step=True, on_epoch=False, sync_dist=False)
+
+    @override
+    def on_after_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self._injection.armed:
+            self._injection.finish()
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: torch.optim.Optimizer
+    ) -> None:
+        # Called after every closure evaluation: a further backward of the same batch within the same step
+        # re-evaluates the closure (LBFGS, SAM). Another batch of the same step is a micro-batch (DeepSpeed calls
+        # the optimizer step on every micro-batch of its accumulation window): it does not count.
+        self._reevaluated = self._penalized_step == optimizer_step_index(trainer)
+        self._closure_batch = _batch_index(trainer)
 
     # ----------------------------------------------------------------------------------------------------------
     # state

@@ -271,6 +271,7 @@ def discover_layers(
     grouped: Grouped = "per_group",
     std_conv: StdConvMode = "raw",
     config: SelectionConfig | None = None,
+    allow_empty: bool = False,
 ) -> LayerSelection:
     """Select the layers of ``model`` whose neurons CoMHE regularises.
 
@@ -295,6 +296,8 @@ def discover_layers(
             :func:`~lightning_comhe.neurons.extract_neuron_sets`.
         config: The five arguments above as one :class:`~lightning_comhe.config.SelectionConfig`, instead of the
             keywords (which must then keep their defaults).
+        allow_empty: Return an empty selection instead of raising when no layer is selected (a model whose layers
+            are all frozen for now, e.g. by a fine-tuning schedule).
 
     Returns:
         The selected layers (``named_modules()`` order) and the skipped candidates with their reasons. Candidates
@@ -353,7 +356,7 @@ def discover_layers(
             seen[id(w)] = name
         selection.layers.append(layer)
 
-    if not selection.layers:
+    if not selection.layers and not allow_empty:
         names = [c.name for c in found]
         msg = (
             f"No layer selected for CoMHE with include={cfg.include!r}, exclude={cfg.exclude!r}, "

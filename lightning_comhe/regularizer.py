@@ -31,6 +31,7 @@ full space, without projection (the official first-layer rule, generalized). Set
 treatment are stacked into one group and computed together in batched matmuls.
 """
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -140,9 +141,8 @@ class CoMHERegularizer:
         self.config, self.selection_config = _configs(variant, energy, selection, kwargs)
         self.family: EnergyFamily = build_energy(self.config)
         self._model_ref = model
-        self.selection: LayerSelection = discover_layers(model, **self.selection_config.discovery_kwargs())
-        self._layer_by_name = {layer.name: layer for layer in self.selection.layers}
-        self.groups: tuple[Group, ...] = self._build_groups()
+        self._signature: tuple[list[Tensor], list[bool]] = ([], [])
+        self._select(allow_empty=False)
         self._refreshes = 0
 
     # ------------------------------------------------------------------------------------------------------------
@@ -211,14 +211,49 @@ class CoMHERegularizer:
         return self.selection.summary() + (f"; {extra}" if extra else "")
 
     # ------------------------------------------------------------------------------------------------------------
+    def _select(self, allow_empty: bool) -> None:
+        self._signature = self._current_signature()
+        kwargs = self.selection_config.discovery_kwargs()
+        self.selection: LayerSelection = discover_layers(self._model_ref, **kwargs, allow_empty=allow_empty)
+        self._layer_by_name = {layer.name: layer for layer in self.selection.layers}
+        self.groups: tuple[Group, ...] = self._build_groups()
+
+    def _current_signature(self) -> tuple[list[Tensor], list[bool]]:
+        params = list(self._model_ref.parameters())
+        return params, [p.requires_grad for p in params]
+
+    def sync(self) -> bool:
+        """Follow the model as it is now; cheap when nothing changed (one pass over its parameters).
+
+        The layers are selected again when a parameter was added, removed or replaced (a new head, a registered
+        parametrization, a changed module tree) or its ``requires_grad`` flipped (a fine-tuning schedule freezing
+        or unfreezing a backbone). Groups that keep their shape keep their state (generators, fitted projections);
+        the others start afresh. An empty selection (everything frozen) gives a zero penalty until layers return.
+
+        Returns:
+            Whether the selection was rebuilt.
+        """
+        params, flags = self._current_signature()
+        old_params, old_flags = self._signature
+        same = len(params) == len(old_params) and all(a is b for a, b in zip(params, old_params, strict=True))
+        if same and flags == old_flags:
+            return False
+        self._select(allow_empty=True)
+        self.family.retain(self.groups)
+        return True
+
     def _build_groups(self) -> tuple[Group, ...]:
         groups: dict[tuple, Group] = {}
+        keys: set[str] = set()
         for layer in self.selection.layers:
+            device = layer.weights()[0].device  # sets on other devices form their own groups (computed there)
             for index, (num_sets, n, d) in enumerate(layer.shapes()):
                 route = self.family.route(layer.role, n, d)
-                gkey = (route.tag, route.mode, n, d)
+                gkey = (route.tag, route.mode, n, d, device)
                 if gkey not in groups:
                     key = f"{route.tag}:{route.mode}:{n}x{d}"
+                    key = key if key not in keys else f"{key}@{device}"  # the first device keeps the stable key
+                    keys.add(key)
                     groups[gkey] = Group(key, route.mode, float(route.kappa), n, d, [])
                 groups[gkey].members.append(SetRef(layer.name, index, num_sets))
         return tuple(groups.values())
@@ -232,6 +267,14 @@ class CoMHERegularizer:
                 cache[m.layer] = self._layer_by_name[m.layer].neuron_sets()
             parts.append(cache[m.layer][m.tensor_index])
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+    def parameters(self) -> list[Tensor]:
+        """The distinct tensors the penalty is read from (weights, or their direction parameters), in layer order."""
+        seen: dict[int, Tensor] = {}
+        for layer in self.selection.layers:
+            for t in layer.weights():
+                seen.setdefault(id(t), t)
+        return list(seen.values())
 
     # ------------------------------------------------------------------------------------------------------------
     def refresh(self, lr: float | None = None) -> None:
@@ -262,13 +305,16 @@ class CoMHERegularizer:
         for group in self.groups:
             energy = self.family.energy(group, self.group_neurons(group, cache))  # (G,)
             term = energy.sum() * group.kappa
-            penalty = term if penalty is None else penalty + term
+            # weights on several devices (model or pipeline parallelism): the total lives on the first group's
+            penalty = term if penalty is None else penalty + term.to(penalty.device)
             detached = energy.detach()
             start = 0
             for m in group.members:
                 per_layer.setdefault(m.layer, []).append(detached[start : start + m.num_sets])
                 start += m.num_sets
-        assert penalty is not None  # the selection is never empty
+        if penalty is None:  # nothing is selected right now (:meth:`sync` after a freeze): no penalty
+            first = next(iter(self._model_ref.parameters()), None)
+            penalty = torch.zeros((), device=None if first is None else first.device)
         energies = {name: torch.cat(parts).mean() for name, parts in per_layer.items()}
         return RegularizerOutput(penalty=penalty, energies=energies)
 
@@ -321,19 +367,29 @@ class CoMHERegularizer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`. Tensors move to the weights' device lazily, at the next use.
 
+        A state saved for another layer selection (a checkpoint from a version that covered fewer layers, or a
+        model whose selection changed) still loads: groups that kept their shape continue from it, new or changed
+        groups start afresh, and a warning names the layers that differ.
+
         Raises:
-            ValueError: If the state belongs to another variant or layer selection.
+            ValueError: If the state belongs to another variant.
         """
         if state.get("variant") != self.variant:
             raise ValueError(
                 f"Cannot load CoMHE state of variant {state.get('variant')!r} into variant {self.variant!r}."
             )
         layers = [layer.name for layer in self.selection.layers]
-        if state.get("layers") != layers:
-            raise ValueError(
-                "Cannot load CoMHE state: it was saved for a different layer selection "
-                f"({len(state.get('layers') or [])} layers saved, {len(layers)} selected now)."
-            )
+        saved = list(state.get("layers") or [])
         self._refreshes = int(state.get("refreshes", 0))
         self.family.lr = state.get("last_lr")
         self.family.load_state_dict(state)
+        if saved != layers:
+            self.family.retain(self.groups)
+            new, gone = [n for n in layers if n not in saved], [n for n in saved if n not in layers]
+            warnings.warn(
+                f"CoMHE state was saved for another layer selection ({len(saved)} layers saved, {len(layers)} "
+                f"selected now; new: {new or 'none'}, no longer selected: {gone or 'none'}). Groups of unchanged "
+                "shape continue from it; the others start afresh.",
+                UserWarning,
+                stacklevel=2,
+            )

@@ -125,7 +125,7 @@ class ManualMLP(TinyMLP):
     """:class:`TinyMLP` with manual optimization: ``chunks`` ``manual_backward`` calls per optimizer step.
 
     Each chunk's loss is the MSE of that part of the batch divided by ``chunks``. ``seen`` records, per call, the value
-    of the tensor passed to ``manual_backward`` before and after the call (the callback mutates it in place).
+    of the tensor passed to ``manual_backward`` before and after the call (the callback must leave it unchanged).
     """
 
     def __init__(self, chunks: int = 2, **kwargs: Any) -> None:
@@ -297,15 +297,15 @@ def reference_fit_manual(
     penalty: Callable[[], Tensor],
 ) -> ManualMLP:
     """Reference for :class:`ManualMLP`: ``refresh(lr)`` once per optimizer step, ``penalty()`` added in full to the
-    loss of every ``manual_backward`` call (``model.chunks`` per step)."""
+    loss of the first ``manual_backward`` call of each step (of ``model.chunks``)."""
     opt = model.configure_optimizers()
     step = 0
     while step < max_steps:
         for batch in batches:
             opt.zero_grad()
             refresh(opt.param_groups[0]["lr"])
-            for part in manual_chunks(batch, model.chunks):
-                (model.task_loss(part) / model.chunks + penalty()).backward()
+            for i, part in enumerate(manual_chunks(batch, model.chunks)):
+                (model.task_loss(part) / model.chunks + (penalty() if i == 0 else 0.0)).backward()
             opt.step()
             step += 1
             if step >= max_steps:

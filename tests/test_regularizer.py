@@ -154,13 +154,40 @@ def test_state_dict_resumes_bit_exactly(variant: str) -> None:
     assert torch.equal(resumed().penalty, straight().penalty)
 
 
-def test_state_from_other_variant_or_selection_is_refused() -> None:
+def test_state_from_another_variant_is_refused() -> None:
     model = _cnn()
     state = CoMHERegularizer(model, "random").state_dict()
-    with pytest.raises(ValueError, match="variant"):
+    with pytest.raises(ValueError, match="variant 'random' into variant 'angle'"):
         CoMHERegularizer(model, "angle").load_state_dict(state)
-    with pytest.raises(ValueError, match="layer selection"):
-        CoMHERegularizer(model, "random", exclude="^7$").load_state_dict(state)
+
+
+def test_state_of_another_selection_loads_and_changed_groups_start_fresh() -> None:
+    """A checkpoint from a selection without layer 4 (e.g. a version that did not cover it) still loads."""
+    model = _cnn()
+    kw = {"projection_dim": 4, "inner_steps": 2, "seed": 3}
+    old = CoMHERegularizer(model, "angle", exclude="^4$", **kw)
+    old.refresh(0.1)
+    state = old.state_dict()
+    new = CoMHERegularizer(model, "angle", **kw)
+    with pytest.warns(UserWarning, match=r"another layer selection .*new: \['4'\], no longer selected: none"):
+        new.load_state_dict(state)
+    fresh = CoMHERegularizer(model, "angle", **kw)
+    by_key = {g.key: g for g in new.groups}
+    grown = [k for k, g in by_key.items() if "4" in {m.layer for m in g.members}]
+    assert len(grown) == 1
+    for key, group in by_key.items():
+        if group.mode != "projected":
+            continue
+        got = new.family.projector.get_projection(key)
+        if key in grown:
+            assert got is None  # G changed from 1 to 2: it starts afresh, like a new run's
+        else:
+            torch.testing.assert_close(got, old.family.projector.get_projection(key), rtol=0, atol=0)
+    assert new.num_refreshes == 1
+    new.refresh(0.1)
+    fresh.refresh(0.1)
+    for key in grown:  # the fresh group was fitted from its own (deterministic) initial P
+        assert new.family.projector.get_projection(key).shape == fresh.family.projector.get_projection(key).shape
 
 
 @pytest.mark.parametrize(

@@ -150,5 +150,8 @@ class EnergyFamily:
         """The family's state (merged into the regularizer's state dict; keys must not clash with its own)."""
         return {}
 
+    def retain(self, groups: Sequence[Group]) -> None:  # noqa: B027 - optional hook
+        """The groups changed (re-selection, or a checkpoint of another selection): drop state that no longer fits."""
+
     def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027 - optional hook
         """Restore :meth:`state_dict` (``state`` is the regularizer's whole state dict)."""

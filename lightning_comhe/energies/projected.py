@@ -140,6 +140,10 @@ class LearnedProjectionEnergy(ProjectedFamily):
         for group, neurons in fits:
             self.projector.fit(group.key, neurons, lr=lr)
 
+    def retain(self, groups: Sequence[Group]) -> None:
+        """Fitted projections of groups that are gone or changed shape start afresh (their generators continue)."""
+        self.projector.retain({g.key: (g.num_sets, g.dim) for g in groups if g.mode == "projected"})
+
     def energy(self, group: Group, neurons: Tensor) -> Tensor:
         """Half-space energy after the fitted projection (with the configured look-ahead)."""
         if group.mode != "projected":

@@ -176,6 +176,21 @@ class LearnedProjection:
             )
         return p, self._optims[key]
 
+    def retain(self, shapes: dict[str, tuple[int, int]]) -> list[str]:
+        """Keep only the projections of the keys in ``shapes`` whose ``(G, d)`` still match; return the dropped keys.
+
+        A dropped key starts afresh at its next use, from its generator's current state (so still deterministic).
+        """
+        dropped = []
+        for key in self.keys():
+            p = self._params[key] if key in self._params else self._pending[key][0]
+            if shapes.get(key) != (p.shape[0], p.shape[2]):
+                self._params.pop(key, None)
+                self._optims.pop(key, None)
+                self._pending.pop(key, None)
+                dropped.append(key)
+        return dropped
+
     def set_projection(self, key: str, projection: Tensor) -> None:
         """Set the projection of a key (e.g. to start from a given ``P``); its optimizer state is reset.
 

@@ -1,0 +1,113 @@
+r"""Adding a penalty's gradient to the backward pass of a loss, without touching the loss. Pure PyTorch.
+
+``loss.add_(penalty)`` is the obvious way for a hook that only receives the loss, and it is wrong in general: the
+in-place add bumps the loss's version, so a backward whose last op saved its output (``sqrt``, ``exp``, ``sigmoid``,
+``tanh``, ``norm``, ``logsumexp``: RMSE is the common case) raises, and where it does not raise the mutated value
+would make it wrong; it also changes the user's own tensor. :class:`GradientInjection` instead
+
+1. computes :math:`g_p = \nabla_p R` of the penalty ``R`` for the parameters it reaches (``torch.autograd.grad``:
+   this runs the penalty's part of the backward early, fires no ``AccumulateGrad`` hook, so DDP's reducer and
+   ZeRO's gradient hooks never see it as a separate backward);
+2. registers a hook on the loss, which records the gradient :math:`c = \partial \mathcal{L} / \partial \text{loss}`
+   that the backward pass delivers to it (``1`` for ``loss.backward()``, the loss scale or ``1/A`` of a strategy
+   that scales the loss after the hook, e.g. DeepSpeed);
+3. registers a hook on each reached parameter that returns :math:`\text{grad} + c\, g_p` as the gradient flows into
+   it. Gradient all-reduces (DDP), accumulation buffers (ZeRO) and clipping then see task and penalty together.
+
+A parameter the task's backward does not reach (a layer unused by this loss, or an FSDP2 shard whose gradient the
+strategy writes itself) gets :math:`c\, g_p` added to ``.grad`` by :meth:`GradientInjection.finish`, right after
+the backward. The result is exactly :math:`\nabla(\text{loss} + R)` (times the strategy's own factor ``c``),
+whatever the last op of the loss.
+
+Example::
+
+    >>> import torch
+    >>> w = torch.tensor([3.0, 4.0], requires_grad=True)
+    >>> loss = w.pow(2).sum().sqrt()  # sqrt saves its output: `loss.add_` would break this backward
+    >>> inj = GradientInjection()
+    >>> inj.arm(loss, 0.5 * w.pow(2).sum(), [w])
+    >>> loss.backward()
+    >>> inj.finish()
+    >>> w.grad  # w / |w| + w
+    tensor([3.6000, 4.8000])
+"""
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["GradientInjection"]
+
+
+class GradientInjection:
+    """One armed penalty at a time: :meth:`arm` before the loss's backward, :meth:`finish` after it."""
+
+    def __init__(self) -> None:
+        self._pending: dict[int, tuple[Tensor, Tensor]] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._scale: Tensor | None = None
+
+    @property
+    def armed(self) -> bool:
+        """Whether a penalty waits for its backward pass."""
+        return bool(self._handles) or bool(self._pending)
+
+    def arm(self, loss: Tensor, penalty: Tensor, params: Sequence[Tensor]) -> None:
+        """Compute the penalty's gradient now and deliver it during ``loss``'s coming backward pass.
+
+        Args:
+            loss: The tensor the backward pass starts from, or one it passes through (a scalar that requires grad).
+            penalty: The scalar penalty, differentiable with respect to some of ``params``.
+            params: The leaf tensors that may receive the penalty's gradient (the others are ignored).
+
+        Raises:
+            ValueError: If ``loss`` does not require grad (no backward can pass through it).
+        """
+        self.cancel()
+        if not loss.requires_grad:
+            raise ValueError(
+                "`loss` must require grad to carry the CoMHE penalty into its backward pass, got a tensor with "
+                "requires_grad=False."
+            )
+        params = [p for p in params if p.requires_grad]
+        grads = (
+            torch.autograd.grad(penalty, params, allow_unused=True) if penalty.requires_grad else [None] * len(params)
+        )
+        self._pending = {id(p): (p, g) for p, g in zip(params, grads, strict=True) if g is not None}
+        self._handles.append(loss.register_hook(self._record_scale))
+        for p, g in self._pending.values():
+            self._handles.append(p.register_hook(self._adder(p, g)))
+
+    def _record_scale(self, grad: Tensor) -> None:
+        self._scale = grad.detach()
+
+    def _factor(self, like: Tensor) -> Tensor | float:
+        if self._scale is None:
+            return 1.0
+        return self._scale.to(device=like.device, dtype=like.dtype)
+
+    def _adder(self, p: Tensor, g: Tensor):  # noqa: ANN202 - a hook closure
+        def hook(grad: Tensor) -> Tensor:
+            self._pending.pop(id(p), None)
+            return grad + (self._factor(grad) * g).to(grad.dtype)
+
+        return hook
+
+    def finish(self) -> None:
+        """After the backward pass: add what no hook delivered to ``.grad``, and remove the hooks."""
+        for p, g in self._pending.values():
+            extra = self._factor(g) * g
+            if p.grad is None:
+                p.grad = extra.to(p.dtype).clone()
+            else:
+                p.grad.add_(extra.to(p.grad.dtype))
+        self.cancel()
+
+    def cancel(self) -> None:
+        """Drop an armed penalty (and its hooks) without delivering it."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._pending = {}
+        self._scale = None
