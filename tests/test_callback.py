@@ -659,3 +659,50 @@ def test_compiled_lightning_module() -> None:
         ref, loader_batches(loader), max_steps=2, penalty_fn=regularizer_penalty(CoMHERegularizer(ref, **kwargs))
     )
     assert_params_close(model, ref, atol=1e-5, rtol=1e-4)
+
+
+class _ResumableLoader(torch.utils.data.DataLoader):
+    """A DataLoader with ``state_dict`` / ``load_state_dict`` (what Lightning needs to resume mid-epoch): it
+    remembers how many batches of the current epoch it handed out, and skips them after a restore."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._skip = 0
+        self._served = 0
+
+    def __iter__(self) -> Any:
+        skip, self._skip = self._skip, 0
+        self._served = skip
+        for i, batch in enumerate(super().__iter__()):
+            if i >= skip:
+                self._served += 1
+                yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"served": self._served}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._skip = state["served"]
+
+
+@pytest.mark.parametrize("variant", ["random", "adversarial"])
+def test_resume_from_a_mid_epoch_checkpoint_is_bit_exact(variant: str, tmp_path: Path) -> None:
+    """A checkpoint after step 3 of 4-batch epochs (mid-epoch, off the resample window of 2), resumed with a
+    loader Lightning can fast-forward: the same weights and callback state as the uninterrupted run."""
+    kwargs = _kwargs(variant, resample_every=2) if variant == "random" else _kwargs(variant)
+
+    def loader() -> _ResumableLoader:
+        return _ResumableLoader(make_loader(4).dataset, batch_size=4, shuffle=False)
+
+    straight_cb, straight = CoMHE(**kwargs), TinyMLP(momentum=0.9)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1, filename="{step}")
+    cpu_trainer(max_steps=7, enable_checkpointing=True, callbacks=[straight_cb, ckpt]).fit(straight, loader())
+    path = tmp_path / "step=3.ckpt"
+    saved = torch.load(path, weights_only=False)
+    assert saved["callbacks"][straight_cb.state_key]["last_refresh_step"] == 2
+    assert saved["epoch"] == 0  # mid-epoch
+
+    resumed_cb, resumed = CoMHE(**kwargs), TinyMLP(momentum=0.9, seed=123)
+    cpu_trainer(max_steps=7, callbacks=[resumed_cb]).fit(resumed, loader(), ckpt_path=path)
+    assert_params_equal(resumed, straight)
+    assert_nested_equal(resumed_cb.state_dict(), straight_cb.state_dict())
