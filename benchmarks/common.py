@@ -47,6 +47,7 @@ MODEL_LABELS = {
     "resnet18": "ResNet-18",
     "resnet50": "ResNet-50",
     "vit_small": "ViT-S/4 (32×32)",
+    "vit_base": "ViT-B/16",
     "tiny": "tiny CNN (smoke test)",
 }
 
@@ -245,6 +246,8 @@ def create_model(name: str, num_classes: int = 100) -> nn.Module:
 
     if name == "vit_small":
         return timm.create_model("vit_small_patch16_224", patch_size=4, img_size=32, num_classes=num_classes)
+    if name == "vit_base":
+        return timm.create_model("vit_base_patch16_224", num_classes=num_classes)
     return timm.create_model(name, num_classes=num_classes)
 
 

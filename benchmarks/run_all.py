@@ -9,9 +9,9 @@ import argparse
 import time
 from collections.abc import Sequence
 
-from benchmarks import common, compiled, floor, kernel, ladder, memory, overhead, report, scale
+from benchmarks import common, compiled, floor, kernel, ladder, memory, overhead, report, scale, shard
 
-BENCHMARKS = ("kernel", "floor", "overhead", "ladder", "scale", "scale_c20", "memory", "compiled")
+BENCHMARKS = ("kernel", "floor", "overhead", "ladder", "scale", "scale_c20", "memory", "compiled", "shard")
 
 
 def run(argv: Sequence[str] | None = None) -> dict[str, float]:
@@ -39,6 +39,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, float]:
         ),
         "memory": (memory.run, []),
         "compiled": (compiled.run, []),
+        "shard": (shard.run, []),
     }
     durations = {}
     for name, (fn, extra) in jobs.items():

@@ -32,7 +32,7 @@ Example::
     tensor([3.6000, 4.8000])
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -53,13 +53,16 @@ class GradientInjection:
         """Whether a penalty waits for its backward pass."""
         return bool(self._handles) or bool(self._pending)
 
-    def arm(self, loss: Tensor, penalty: Tensor, params: Sequence[Tensor]) -> None:
+    def arm(self, loss: Tensor, penalty: Tensor, params: Sequence[Tensor], materialize: bool = False) -> None:
         """Compute the penalty's gradient now and deliver it during ``loss``'s coming backward pass.
 
         Args:
             loss: The tensor the backward pass starts from, or one it passes through (a scalar that requires grad).
             penalty: The scalar penalty, differentiable with respect to some of ``params``.
             params: The leaf tensors that may receive the penalty's gradient (the others are ignored).
+            materialize: Deliver a (zero) gradient to every one of ``params`` that requires grad, even those the
+                penalty does not reach: ranks that compute different shares of a penalty then hold the same
+                pending set, so :meth:`finish` can all-reduce it.
 
         Raises:
             ValueError: If ``loss`` does not require grad (no backward can pass through it).
@@ -71,9 +74,12 @@ class GradientInjection:
                 "requires_grad=False."
             )
         params = [p for p in params if p.requires_grad]
-        grads = (
-            torch.autograd.grad(penalty, params, allow_unused=True) if penalty.requires_grad else [None] * len(params)
-        )
+        if penalty.requires_grad:
+            grads = list(torch.autograd.grad(penalty, params, allow_unused=True))
+        else:
+            grads = [None] * len(params)
+        if materialize:
+            grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
         self._pending = {id(p): (p, g) for p, g in zip(params, grads, strict=True) if g is not None}
         self._handles.append(loss.register_hook(self._record_scale))
         for p, g in self._pending.values():
@@ -94,9 +100,16 @@ class GradientInjection:
 
         return hook
 
-    def finish(self) -> None:
-        """After the backward pass: add what no hook delivered to ``.grad``, and remove the hooks."""
+    def finish(self, reduce: Callable[[Tensor], Tensor] | None = None) -> None:
+        """After the backward pass: add what no hook delivered to ``.grad``, and remove the hooks.
+
+        Args:
+            reduce: Applied to each undelivered gradient first, in the same order on every rank (e.g. the
+                all-reduce that a sharded penalty needs where the strategy's own gradient all-reduce is over).
+        """
         for p, g in self._pending.values():
+            if reduce is not None:
+                g = reduce(g)
             extra = self._factor(g) * g
             if p.grad is None:
                 p.grad = extra.to(p.dtype).clone()

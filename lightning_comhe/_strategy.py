@@ -1,11 +1,13 @@
-"""What the callback needs to know about Lightning's strategies: the optimizer-step counter and what is refused."""
+"""What the callback needs to know about Lightning's strategies: the step counter, what is refused, the shard."""
 
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor
 
-__all__ = ["check_strategy", "optimizer_step_index"]
+__all__ = ["all_reduce_sum", "check_strategy", "merge_owned_entries", "optimizer_step_index", "penalty_shard"]
 
 
 def optimizer_step_index(trainer: "pl.Trainer") -> int:
@@ -50,3 +52,42 @@ def check_strategy(strategy: Any) -> None:
                 "empty placeholders, so the neurons cannot be read when the penalty is added. HINT: use ZeRO "
                 "stage 1 or 2 (`strategy='deepspeed_stage_2'`), or FSDP2 through `ModelParallelStrategy`."
             )
+
+
+def penalty_shard(trainer: "pl.Trainer", shard: bool, shardable: bool) -> tuple[int, int] | None:
+    """``(rank, world size)`` when this step's penalty is split across ranks (``CoMHE(shard=True)``), else ``None``.
+
+    Only under DDP (one or several nodes; not its DeepSpeed subclass), where the strategy's gradient all-reduce
+    averages the ranks' ``W ∇R_r`` into ``∇R``. FSDP2 gathers every weight on every rank and DeepSpeed owns its
+    gradient buffers: there (and for families that keep per-group state on every rank) each rank computes the
+    whole penalty.
+    """
+    if not shard or trainer.world_size < 2 or not shardable:
+        return None
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+
+    strategy = trainer.strategy
+    if not isinstance(strategy, DDPStrategy) or isinstance(strategy, DeepSpeedStrategy):
+        return None
+    return trainer.global_rank, trainer.world_size
+
+
+def all_reduce_sum(t: Tensor) -> Tensor:
+    """The sum of ``t`` over all ranks (a new tensor; one collective)."""
+    out = t.detach().clone()
+    torch.distributed.all_reduce(out)
+    return out
+
+
+def merge_owned_entries(entries: dict[str, Any], owned: set[str]) -> dict[str, Any]:
+    """Every rank's ``entries`` for the keys it owns, merged: the whole learned-projection state on every rank.
+
+    One ``all_gather_object``: all ranks must call it together (Lightning calls ``state_dict`` on every rank).
+    """
+    mine = {k: v for k, v in entries.items() if k in owned}
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, mine)
+    merged = dict(entries)
+    for part in gathered:
+        merged.update(part)
+    return {k: merged[k] for k in sorted(merged)}  # the same order on every rank

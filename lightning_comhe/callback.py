@@ -19,7 +19,13 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_comhe._injection import GradientInjection
-from lightning_comhe._strategy import check_strategy, optimizer_step_index
+from lightning_comhe._strategy import (
+    all_reduce_sum,
+    check_strategy,
+    merge_owned_entries,
+    optimizer_step_index,
+    penalty_shard,
+)
 from lightning_comhe.config import EnergyConfig, ScheduleConfig, SelectionConfig, split_kwargs
 from lightning_comhe.regularizer import CoMHERegularizer
 
@@ -85,6 +91,8 @@ class CoMHE(Callback):
         every_n_steps: Lazy regularization: the penalty (×m) only on every m-th optimizer step (``docs/math.md``).
         log_every: Log the per-layer energies every this many penalized optimizer steps.
         name: Instance name: log prefix ``comhe/<name>/`` and checkpoint key (one per instance when several run).
+        shard: Under DDP, split the penalty across ranks (each computes a balanced share, about ``1/W``); no effect
+            in one process, under FSDP2 / DeepSpeed, or for the peers (``docs/strategies/ddp.md``).
 
     The fields and their validation live in :mod:`lightning_comhe.config` (``EnergyConfig``, ``SelectionConfig``,
     ``ScheduleConfig``); this signature mirrors them for LightningCLI, and a test keeps the two in sync.
@@ -135,6 +143,7 @@ class CoMHE(Callback):
         every_n_steps: int = 1,
         log_every: int = 50,
         name: str | None = None,
+        shard: bool = True,
     ) -> None:
         super().__init__()
         arguments = {k: v for k, v in locals().items() if k in inspect.signature(CoMHE).parameters}
@@ -157,6 +166,7 @@ class CoMHE(Callback):
         self._reevaluated = False  # an optimizer step re-evaluates its closure (LBFGS): penalize that backward too
         self._closure_batch: int | None = None
         self._injection = GradientInjection()
+        self._shard: tuple[int, int] | None = None  # (rank, world size) of a penalty split across ranks
 
     def __getattr__(self, name: str) -> Any:
         # the configuration fields, read-only: `callback.variant`, `callback.weight`, ... (as passed, not resolved)
@@ -308,32 +318,46 @@ class CoMHE(Callback):
         every = self.every_n_steps
         if step % every != 0:
             return  # lazy regularization: nothing is computed or added on this step
+        self._shard = penalty_shard(trainer, self.shard, regularizer.family.shardable)
+        share = None if self._shard is None else regularizer.shard_plan(self._shard[1])[self._shard[0]]
         if step != self._last_refresh_step:
             if regularizer.sync():  # requires_grad or the module tree changed (fine-tuning schedules, a new head)
                 rank_zero_info(f"{'' if self.name is None else f'[{self.name}] '}{regularizer.summary()}")
-            regularizer.refresh(self._current_lr(trainer, regularizer))
+                if self._shard is not None:
+                    share = regularizer.shard_plan(self._shard[1])[self._shard[0]]
+            regularizer.refresh(self._current_lr(trainer, regularizer), share)
             self._last_refresh_step = step
         if step == self._penalized_step and not (self._reevaluated and self._closure_batch == _batch_index(trainer)):
             return  # a later micro-batch (or `manual_backward`) of the step: its first backward has the penalty
         self._penalized_step, self._reevaluated = step, False
-        out = regularizer()
+        out = regularizer.compute(share)
         penalty = out.penalty
-        added = penalty * every if every > 1 else penalty
+        factor = every * (1 if self._shard is None else self._shard[1])  # lazy ×m; a share R_r counts ×W
+        added = penalty * factor if factor > 1 else penalty
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         if scaler is not None:
             added = scaler.scale(added)
-        self._injection.arm(loss, added, regularizer.parameters())
+        self._injection.arm(loss, added, regularizer.parameters(), materialize=self._shard is not None)
+        self._log(pl_module, regularizer, out, log_energies=(step // every) % self.log_every == 0)
 
-        prefix = self.log_prefix
-        pl_module.log(f"{prefix}/penalty", penalty.detach(), on_step=True, on_epoch=False, sync_dist=False)
-        if (step // every) % self.log_every == 0:
-            for layer, energy in out.energies.items():
+    def _log(self, pl_module: "pl.LightningModule", reg: CoMHERegularizer, out: Any, log_energies: bool) -> None:
+        prefix, penalty, energies = self.log_prefix, out.penalty.detach(), out.energies
+        if self._shard is not None:  # the totals over ranks: one collective of [R_r, the share's layer energies]
+            names = reg.selection.names if log_energies else []
+            zero = penalty.new_zeros(())
+            totals = all_reduce_sum(torch.stack([penalty, *(energies.get(n, zero).to(penalty) for n in names)]))
+            penalty, energies = totals[0], dict(zip(names, totals[1:], strict=True))
+        pl_module.log(f"{prefix}/penalty", penalty, on_step=True, on_epoch=False, sync_dist=False)
+        if log_energies:
+            for layer, energy in energies.items():
                 pl_module.log(f"{prefix}/energy/{layer}", energy, on_step=True, on_epoch=False, sync_dist=False)
 
     @override
     def on_after_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self._injection.armed:
-            self._injection.finish()
+            world = None if self._shard is None else self._shard[1]
+            # gradients no hook delivered come after DDP's all-reduce: a sharded penalty reduces them itself
+            self._injection.finish(None if world is None else lambda g: all_reduce_sum(g) / world)
 
     @override
     def on_before_optimizer_step(
@@ -352,6 +376,12 @@ class CoMHE(Callback):
     def state_dict(self) -> dict[str, Any]:
         if self._regularizer is not None:
             reg_state: dict[str, Any] | None = self._regularizer.state_dict()
+            if self._shard is not None and "entries" in (reg_state.get("projector") or {}):
+                # each rank drew / fitted only its own groups' projections: the checkpoint gets every owner's
+                owned = set(self._regularizer.shard_plan(self._shard[1])[self._shard[0]])
+                projector = dict(reg_state["projector"])
+                projector["entries"] = merge_owned_entries(projector["entries"], owned)
+                reg_state = {**reg_state, "projector": projector}
         elif self._pending_state is not None:
             reg_state = self._pending_state.get("regularizer")
         else:

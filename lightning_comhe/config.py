@@ -57,6 +57,7 @@ __all__ = [
     "Variant",
     "config_fields",
     "default_weights",
+    "resolve_configs",
     "split_kwargs",
     "variant_defaults",
 ]
@@ -324,6 +325,10 @@ class ScheduleConfig:
             step under DeepSpeed accumulation; under manual optimization it counts every optimizer's ``step()``).
         log_every: Log the per-layer energies every this many penalized optimizer steps (``>= 1``).
         name: Instance name (log prefix ``comhe/<name>/`` and checkpoint key), or ``None``.
+        shard: Under DDP (one or several nodes), split the penalty across the ranks
+            (:mod:`lightning_comhe.sharding`): each computes a balanced share and DDP's gradient all-reduce sums
+            them, so each rank does about ``1/W`` of the work. No effect in a single process, and none (every
+            rank computes everything, said once in the log) under FSDP2, DeepSpeed or for the peer variants.
 
     Raises:
         ValueError: Naming the argument, what is allowed and the value received.
@@ -332,11 +337,13 @@ class ScheduleConfig:
     every_n_steps: int = 1
     log_every: int = 50
     name: str | None = None
+    shard: bool = True
 
     def __post_init__(self) -> None:
         check_int("every_n_steps", self.every_n_steps, 1)
         check_int("log_every", self.log_every, 1)
         check_name("name", self.name)
+        check_bool("shard", self.shard)
 
 
 _CONFIGS = (EnergyConfig, SelectionConfig, ScheduleConfig)
@@ -370,3 +377,21 @@ def split_kwargs(kwargs: dict[str, Any], classes: tuple[type, ...] = _CONFIGS, o
 
 # Re-exported for readers of this module: the built-in names.
 VARIANTS = BUILTIN_VARIANTS
+
+
+def resolve_configs(
+    variant: Any, energy: Any, selection: Any, kwargs: dict[str, Any], owner: str = "CoMHERegularizer"
+) -> tuple[EnergyConfig, SelectionConfig]:
+    """The two configs from either config objects or flat keyword arguments (never both for the same config)."""
+    if energy is not None and not isinstance(energy, EnergyConfig):
+        raise ValueError(f"`energy` must be an EnergyConfig or None, got {type(energy).__name__}.")
+    if selection is not None and not isinstance(selection, SelectionConfig):
+        raise ValueError(f"`selection` must be a SelectionConfig or None, got {type(selection).__name__}.")
+    flat = dict(kwargs)
+    if energy is None:
+        flat["variant"] = "random" if variant is None else variant
+    elif variant is not None and variant != energy.variant:
+        raise ValueError(f"`variant` must be None or {energy.variant!r} with `energy` given, got {variant!r}.")
+    classes = tuple(cls for cls, given in ((EnergyConfig, energy), (SelectionConfig, selection)) if given is None)
+    built = iter(split_kwargs(flat, classes, owner=owner))
+    return (energy or next(built)), (selection or next(built))

@@ -45,12 +45,13 @@ from lightning_comhe.config import (
     EnergyConfig,
     SelectionConfig,
     Variant,
-    split_kwargs,
+    resolve_configs,
     variant_defaults,
 )
 from lightning_comhe.config import VARIANTS as VARIANTS
 from lightning_comhe.discovery import LayerSelection, discover_layers
-from lightning_comhe.energies import EnergyFamily, Group, SetRef, build_energy
+from lightning_comhe.energies import EnergyFamily, Group, build_energy, build_groups
+from lightning_comhe.sharding import Part, ShardPlan, plan_shards
 
 __all__ = [
     "CoMHERegularizer",
@@ -79,22 +80,6 @@ class RegularizerOutput:
     penalty: Tensor
     energies: dict[str, Tensor] = field(default_factory=dict)
     scale: int = 1
-
-
-def _configs(variant: Any, energy: Any, selection: Any, kwargs: dict[str, Any]) -> tuple[EnergyConfig, SelectionConfig]:
-    """The two configs from either config objects or flat keyword arguments (never both for the same config)."""
-    if energy is not None and not isinstance(energy, EnergyConfig):
-        raise ValueError(f"`energy` must be an EnergyConfig or None, got {type(energy).__name__}.")
-    if selection is not None and not isinstance(selection, SelectionConfig):
-        raise ValueError(f"`selection` must be a SelectionConfig or None, got {type(selection).__name__}.")
-    flat = dict(kwargs)
-    if energy is None:
-        flat["variant"] = "random" if variant is None else variant
-    elif variant is not None and variant != energy.variant:
-        raise ValueError(f"`variant` must be None or {energy.variant!r} with `energy` given, got {variant!r}.")
-    classes = tuple(cls for cls, given in ((EnergyConfig, energy), (SelectionConfig, selection)) if given is None)
-    built = iter(split_kwargs(flat, classes, owner="CoMHERegularizer"))
-    return (energy or next(built)), (selection or next(built))
 
 
 class CoMHERegularizer:
@@ -138,7 +123,7 @@ class CoMHERegularizer:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
-        self.config, self.selection_config = _configs(variant, energy, selection, kwargs)
+        self.config, self.selection_config = resolve_configs(variant, energy, selection, kwargs)
         self.family: EnergyFamily = build_energy(self.config)
         self._model_ref = model
         self._signature: tuple[list[Tensor], list[bool]] = ([], [])
@@ -243,20 +228,13 @@ class CoMHERegularizer:
         return True
 
     def _build_groups(self) -> tuple[Group, ...]:
-        groups: dict[tuple, Group] = {}
-        keys: set[str] = set()
-        for layer in self.selection.layers:
-            device = layer.weights()[0].device  # sets on other devices form their own groups (computed there)
-            for index, (num_sets, n, d) in enumerate(layer.shapes()):
-                route = self.family.route(layer.role, n, d)
-                gkey = (route.tag, route.mode, n, d, device)
-                if gkey not in groups:
-                    key = f"{route.tag}:{route.mode}:{n}x{d}"
-                    key = key if key not in keys else f"{key}@{device}"  # the first device keeps the stable key
-                    keys.add(key)
-                    groups[gkey] = Group(key, route.mode, float(route.kappa), n, d, [])
-                groups[gkey].members.append(SetRef(layer.name, index, num_sets))
-        return tuple(groups.values())
+        self._plan: tuple[tuple, ShardPlan] | None = None
+        groups = build_groups(self.selection.layers, self.family)
+        self._layer_sets: dict[str, int] = {}
+        for group in groups:
+            for m in group.members:
+                self._layer_sets[m.layer] = self._layer_sets.get(m.layer, 0) + m.num_sets
+        return groups
 
     def group_neurons(self, group: Group, cache: dict[str, list[Tensor]] | None = None) -> Tensor:
         """The current ``(G, N, d)`` neurons of ``group`` (differentiable); ``cache`` shares layer extractions."""
@@ -277,7 +255,7 @@ class CoMHERegularizer:
         return list(seen.values())
 
     # ------------------------------------------------------------------------------------------------------------
-    def refresh(self, lr: float | None = None) -> None:
+    def refresh(self, lr: float | None = None, share: dict[str, list[Part]] | None = None) -> None:
         """Prepare the energy for the next optimizer step; call it once per step, before :meth:`__call__`.
 
         Random projections are redrawn when due (every ``resample_every`` calls). Learned projections take
@@ -286,36 +264,69 @@ class CoMHERegularizer:
 
         Args:
             lr: The main optimizer's current learning rate.
+            share: A rank's share of :meth:`shard_plan`: only its groups are refreshed (fitted).
         """
         check_float("lr", lr, allow_none=True)
         self._refreshes += 1
         self.family.lr = lr
         cache: dict[str, list[Tensor]] = {}
-        self.family.refresh(self.groups, lambda group: self.group_neurons(group, cache))
+        groups = self.groups if share is None else tuple(g for g in self.groups if share.get(g.key))
+        self.family.refresh(groups, lambda group: self.group_neurons(group, cache))
+
+    def shard_plan(self, world_size: int) -> ShardPlan:
+        """The split of the penalty over ``world_size`` ranks (:func:`~lightning_comhe.sharding.plan_shards`).
+
+        Deterministic in the groups' shapes, the configuration and ``world_size``: every rank computes the same plan.
+        """
+        key = (world_size, tuple((g.key, g.num_sets) for g in self.groups))
+        if self._plan is None or self._plan[0] != key:
+            self._plan = (key, plan_shards(self.groups, self.family, world_size))
+        return self._plan[1]
 
     def __call__(self) -> RegularizerOutput:
         r"""Compute the penalty :math:`\sum_s \kappa_s E_s` and the per-layer energies."""
         return self.compute()
 
-    def compute(self) -> RegularizerOutput:
-        """Compute the penalty and per-layer energies (see the class docstring). Differentiable."""
+    def compute(self, share: dict[str, list[Part]] | None = None) -> RegularizerOutput:
+        r"""Compute the penalty and per-layer energies (see the class docstring). Differentiable.
+
+        Args:
+            share: A rank's share of :meth:`shard_plan`: only its parts are computed. The penalty is then that
+                rank's :math:`R_r` (:math:`\sum_r R_r = R`), and each energy the share's contribution to the layer's
+                mean (the sum over ranks is the mean).
+        """
         cache: dict[str, list[Tensor]] = {}
         penalty: Tensor | None = None
         per_layer: dict[str, list[Tensor]] = {}
         for group in self.groups:
-            energy = self.family.energy(group, self.group_neurons(group, cache))  # (G,)
+            sets = None
+            if share is None:
+                energy = self.family.energy(group, self.group_neurons(group, cache))  # (G,)
+            elif share.get(group.key):
+                energy, sets = self.family.energy_parts(group, self.group_neurons(group, cache), share[group.key])
+            else:
+                continue
             term = energy.sum() * group.kappa
             # weights on several devices (model or pipeline parallelism): the total lives on the first group's
             penalty = term if penalty is None else penalty + term.to(penalty.device)
             detached = energy.detach()
             start = 0
             for m in group.members:
-                per_layer.setdefault(m.layer, []).append(detached[start : start + m.num_sets])
+                if sets is None:
+                    per_layer.setdefault(m.layer, []).append(detached[start : start + m.num_sets])
+                else:
+                    mine = [j for j, s in enumerate(sets) if start <= s < start + m.num_sets]
+                    if mine:
+                        part = detached[mine].sum() / self._layer_sets[m.layer]
+                        per_layer.setdefault(m.layer, []).append(part.reshape(1))
                 start += m.num_sets
-        if penalty is None:  # nothing is selected right now (:meth:`sync` after a freeze): no penalty
+        if penalty is None:  # nothing is selected right now (:meth:`sync` after a freeze), or nothing is this rank's
             first = next(iter(self._model_ref.parameters()), None)
             penalty = torch.zeros((), device=None if first is None else first.device)
-        energies = {name: torch.cat(parts).mean() for name, parts in per_layer.items()}
+        if share is None:
+            energies = {name: torch.cat(parts).mean() for name, parts in per_layer.items()}
+        else:
+            energies = {name: torch.cat(parts).sum() for name, parts in per_layer.items()}
         return RegularizerOutput(penalty=penalty, energies=energies)
 
     def lazy_penalty(self, step: int, every_n_steps: int = 1, lr: float | None = None) -> RegularizerOutput | None:

@@ -144,12 +144,25 @@ def test_compiled_benchmark(tmp_path):
     assert len(payload["records"]) == 4 and all(r["speedup"] > 0 for r in payload["records"])
 
 
+def test_shard_benchmark_measures_shares_and_models_many_ranks(tmp_path):
+    from benchmarks import shard
+
+    payload = shard.run([*QUICK, "--out", str(tmp_path)])
+    assert (tmp_path / "shard.md").is_file() and (tmp_path / "shard.json").is_file()
+    assert {r["world"] for r in payload["measured"]} == {2, 4}
+    assert all(len(r["rank_s"]) == r["world"] and r["whole_s"] > 0 for r in payload["measured"])
+    rows = payload["cost_model"]
+    assert {r["world"] for r in rows} == {8, 64} and all(r["imbalance"] >= 1.0 for r in rows)
+    assert all(abs(r["ideal_s"] * r["world"] - r["whole_s"]) <= 1e-9 + 1e-9 * r["whole_s"] for r in rows)
+    assert all(r["idle_ranks"] < r["world"] for r in rows)
+
+
 def test_run_all_is_one_command(tmp_path):
     from benchmarks import run_all
 
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "benchmarks.run_all", *QUICK, "--out", str(tmp_path), "--doc", str(tmp_path / "b.md")]
-    cmd += ["--skip", "kernel", "overhead", "ladder", "scale", "scale_c20", "memory", "compiled"]
+    cmd += ["--skip", "kernel", "overhead", "ladder", "scale", "scale_c20", "memory", "compiled", "shard"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     text = (tmp_path / "b.md").read_text()

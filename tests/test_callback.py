@@ -68,9 +68,9 @@ class _Spy(Callback):
             if isinstance(cb, CoMHE) and cb.regularizer is not None:
                 inner = cb.regularizer.compute
 
-                def counted(inner: Any = inner) -> Any:
+                def counted(*args: Any, inner: Any = inner) -> Any:
                     self.calls += 1
-                    return inner()
+                    return inner(*args)
 
                 cb.regularizer.compute = counted  # type: ignore[method-assign]
 
@@ -281,9 +281,9 @@ def test_inner_lr_follows_the_main_optimizer_lr(variant: str) -> None:
             reg = trainer.callbacks[0].regularizer
             refresh = reg.refresh
 
-            def recorded(lr: Any = None) -> None:
+            def recorded(lr: Any = None, share: Any = None) -> None:
                 seen.append(lr)
-                refresh(lr)
+                refresh(lr, share)
 
             reg.refresh = recorded
 
@@ -348,7 +348,8 @@ def test_projection_kind_needs_the_random_variant() -> None:
 
 
 def test_every_argument_reaches_the_regularizer() -> None:
-    """Each CoMHE argument (but the schedule: ``every_n_steps``, ``log_every``, ``name``) reaches CoMHERegularizer."""
+    """Each CoMHE argument (but the schedule: ``every_n_steps``, ``log_every``, ``name``, ``shard``) reaches the
+    regularizer."""
     values = {
         "variant": "adversarial",
         "weight": 0.3,
@@ -373,7 +374,7 @@ def test_every_argument_reaches_the_regularizer() -> None:
         "srip_squared": True,
         "eps": 1e-3,
     }
-    callback_params = set(inspect.signature(CoMHE).parameters) - {"every_n_steps", "log_every", "name"}
+    callback_params = set(inspect.signature(CoMHE).parameters) - {"every_n_steps", "log_every", "name", "shard"}
     assert callback_params == set(values)
     callback = CoMHE(**values)
     forwarded = callback.regularizer_kwargs()

@@ -58,6 +58,7 @@ def _config(
     }
 
 
+SHARDED = ("random", "angle", "adversarial")
 DDP_CONFIGS = [
     _config("mhe", "mhe"),
     _config("half_mhe", "half_mhe"),
@@ -68,6 +69,10 @@ DDP_CONFIGS = [
     _config("angle_acc2", "angle", accumulate=2, batch_size=3, max_steps=4),
     # lazy regularization: the penalty (×2) on steps 0, 2, 4 only, with accumulation
     _config("random_lazy2_acc2", "random", accumulate=2, batch_size=3, max_steps=5, every_n_steps=2),
+    # the penalty split across the ranks is the default (shard=True): the same runs, every rank computing it all
+    *({**_config(f"{v}_unsharded", v), "comhe": {**_config(v, v)["comhe"], "shard": False}} for v in SHARDED),
+    # a DDP checkpoint after step 2 (of 4), resumed into fresh objects, sharded
+    *({**_config(f"{v}_resume", v), "resume_at": 2} for v in SHARDED),
 ]
 MULTINODE_CONFIGS = [
     _config("random", "random"),
@@ -174,6 +179,7 @@ def _check(
     }
     comhe = dict(config["comhe"])
     every = comhe.pop("every_n_steps", 1)
+    comhe.pop("shard", None)
     dense = regularizer_penalty(CoMHERegularizer(ref, **comhe))
     logged: list[torch.Tensor] = []
 
@@ -199,6 +205,28 @@ def _check(
 def test_ddp_matches_data_parallel_reference(config: dict, ddp_results: dict) -> None:
     """``Trainer(accelerator="cpu", devices=2, strategy="ddp")`` (gloo), launched by Lightning itself."""
     _check(ddp_results[config["name"]], config)
+
+
+@pytest.mark.parametrize("variant", SHARDED)
+def test_ddp_sharded_penalty_equals_the_unsharded_one(variant: str, ddp_results: dict) -> None:
+    """``shard=True`` (each rank a share, ×W) gives the weights of ``shard=False`` (every rank everything)."""
+    sharded, unsharded = ddp_results[variant], ddp_results[f"{variant}_unsharded"]
+    assert [r["shard"] for r in sharded] == [(0, 2), (1, 2)] and all(r["shard"] is None for r in unsharded)
+    for k, v in unsharded[0]["weights"].items():
+        torch.testing.assert_close(sharded[0]["weights"][k], v, atol=1e-12, rtol=1e-10)
+        assert torch.equal(sharded[0]["weights"][k], sharded[1]["weights"][k])  # ranks bit-identical
+    torch.testing.assert_close(sharded[0]["penalty"], unsharded[0]["penalty"], atol=1e-12, rtol=1e-10)
+    # the checkpointed state is the whole state on every rank (each rank fitted only its own projections)
+    assert_nested_equal(sharded[0]["callback_state"], sharded[1]["callback_state"])
+
+
+@pytest.mark.parametrize("variant", SHARDED)
+def test_ddp_sharded_checkpoint_resumes_bit_exactly(variant: str, ddp_results: dict) -> None:
+    for rank_result in ddp_results[f"{variant}_resume"]:
+        resumed = rank_result["resumed"]
+        for k, v in rank_result["weights"].items():
+            assert torch.equal(resumed["weights"][k], v), f"{variant}: {k} differs after resuming"
+        assert_nested_equal(resumed["callback_state"], rank_result["callback_state"])
 
 
 @pytest.mark.parametrize("config", MULTINODE_CONFIGS, ids=[c["name"] for c in MULTINODE_CONFIGS])

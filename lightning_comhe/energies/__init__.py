@@ -12,7 +12,7 @@ from typing import TypeVar
 
 from lightning_comhe import _registry
 from lightning_comhe.config import EnergyConfig
-from lightning_comhe.energies.base import EnergyFamily, Group, NeuronsOf, Route, SetRef, mhe_energy
+from lightning_comhe.energies.base import EnergyFamily, Group, NeuronsOf, Route, SetRef, build_groups, mhe_energy
 from lightning_comhe.energies.mhe import FullSpaceMHE, HalfSpaceMHE
 from lightning_comhe.energies.peers import SoftOrthogonality, SpectralRestrictedIsometry
 from lightning_comhe.energies.projected import LearnedProjectionEnergy, RandomProjectionEnergy
@@ -30,6 +30,7 @@ __all__ = [
     "SoftOrthogonality",
     "SpectralRestrictedIsometry",
     "build_energy",
+    "build_groups",
     "mhe_energy",
     "register_energy",
 ]

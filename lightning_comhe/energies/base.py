@@ -114,6 +114,9 @@ class EnergyFamily:
     name: ClassVar[str] = ""
     #: Whether :meth:`refresh` uses :attr:`lr` (the callback reads the optimizer's learning rate only then).
     uses_lr: ClassVar[bool] = False
+    #: Whether the penalty may be split across data-parallel ranks (:mod:`lightning_comhe.sharding`): a family
+    #: whose refresh keeps state for every group on every rank (e.g. SRIP's power iterations) says ``False``.
+    shardable: ClassVar[bool] = True
 
     def __init__(self, config: EnergyConfig) -> None:
         self.config = config
@@ -141,6 +144,23 @@ class EnergyFamily:
             return mhe_energy(self.config, neurons, half_space=True)
         raise ValueError(f"`group.mode` must be 'plain' or 'half' for {type(self).__name__}, got {group.mode!r}.")
 
+    def shard_unit(self, group: Group) -> str:
+        """The finest piece of ``group`` one rank may compute alone: ``"set"``, ``"projection"`` or ``"group"``."""
+        return "set" if group.mode in ("plain", "half") else "group"
+
+    def energy_parts(
+        self, group: Group, neurons: Tensor, parts: Sequence[tuple[int, int, int]]
+    ) -> tuple[Tensor, list[int]]:
+        """The energies of a rank's ``parts`` of ``group`` and the set each belongs to.
+
+        Summed over the parts of every rank, per set, they give :meth:`energy`. ``parts`` are ``(set, start, stop)``
+        (:data:`lightning_comhe.sharding.Part`); ``(-1, 0, 1)`` is the whole group.
+        """
+        if parts and parts[0][0] < 0:
+            return self.energy(group, neurons), list(range(neurons.shape[0]))
+        sets = [s for s, _, _ in parts]
+        return self.energy(group, neurons[sets]), sets
+
     def describe(self, groups: Sequence[Group]) -> str:
         """Extra words for the regularizer's one-line summary (empty by default)."""
         return ""
@@ -155,3 +175,27 @@ class EnergyFamily:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027 - optional hook
         """Restore :meth:`state_dict` (``state`` is the regularizer's whole state dict)."""
+
+
+def build_groups(layers: Sequence[Any], family: EnergyFamily) -> tuple[Group, ...]:
+    """Stack the neuron sets of ``layers`` into groups of one shape, one treatment and one device.
+
+    Each layer (a :class:`~lightning_comhe.discovery.NeuronLayer`) contributes one member per extracted tensor;
+    its route (tag, mode, κ) comes from ``family``. A group's key is ``"<tag>:<mode>:<N>x<d>"``; groups of the same
+    key on further devices (model or pipeline parallelism) get ``"@<device>"`` appended, so the first device keeps
+    the stable key that checkpoints use.
+    """
+    groups: dict[tuple, Group] = {}
+    keys: set[str] = set()
+    for layer in layers:
+        device = layer.weights()[0].device  # sets on other devices form their own groups (computed there)
+        for index, (num_sets, n, d) in enumerate(layer.shapes()):
+            route = family.route(layer.role, n, d)
+            gkey = (route.tag, route.mode, n, d, device)
+            if gkey not in groups:
+                key = f"{route.tag}:{route.mode}:{n}x{d}"
+                key = key if key not in keys else f"{key}@{device}"
+                keys.add(key)
+                groups[gkey] = Group(key, route.mode, float(route.kappa), n, d, [])
+            groups[gkey].members.append(SetRef(layer.name, index, num_sets))
+    return tuple(groups.values())

@@ -20,6 +20,8 @@ __all__ = ["SoftOrthogonality", "SpectralRestrictedIsometry"]
 
 
 class _Peer(EnergyFamily):
+    shardable = False  # SRIP keeps per-group power-iteration vectors on every rank; the peers are cheap anyway
+
     def route(self, role: str, n: int, d: int) -> Route:
         """Every set, hidden or head, gets the family's penalty; κ by role."""
         kappa = self.config.head_kappa if role == "head" else self.config.hidden_weight

@@ -87,6 +87,40 @@ class RandomProjectionEnergy(ProjectedFamily):
         if self.projector is not None:
             self.projector.step()
 
+    def shard_unit(self, group: Group) -> str:
+        """Gaussian projections split per (set, projection); the expected kernel per set; structured kinds whole."""
+        if group.mode != "projected" or self.projector is None:
+            return "set"
+        return "projection" if self.projector.kind == "gaussian" else "group"
+
+    def energy_parts(
+        self, group: Group, neurons: Tensor, parts: Sequence[tuple[int, int, int]]
+    ) -> tuple[Tensor, list[int]]:
+        r"""Per part ``(s, c0, c1)``: :math:`\frac{1}{C}\sum_{c_0 \le c < c_1} E(W_s P_{s,c}^\top)` per part."""
+        if self.shard_unit(group) != "projection":
+            return super().energy_parts(group, neurons, parts)
+        assert self.projector is not None
+        proj = self.projector.projections(
+            group.key, neurons.shape[0], group.dim, neurons.device, compute_dtype(neurons)
+        )
+        num = proj.shape[1]
+        whole = [s for s, c0, c1 in parts if c0 == 0 and c1 == num]
+        values, sets = [], []
+        if whole:
+            values.append(
+                projected_energy(neurons[whole], proj[whole], half_space=True, check_finite=False, **self._kw())
+            )
+            sets += whole
+        for s, c0, c1 in parts:
+            if c0 == 0 and c1 == num:
+                continue
+            e = projected_energy(
+                neurons[s : s + 1], proj[s : s + 1, c0:c1], half_space=True, check_finite=False, **self._kw()
+            )
+            values.append(e * ((c1 - c0) / num))  # the mean over [c0, c1) times its share of the C projections
+            sets.append(s)
+        return torch.cat(values), sets
+
     def energy(self, group: Group, neurons: Tensor) -> Tensor:
         """The mean projected half-space energy of every set (unprojected modes: the base class)."""
         if group.mode != "projected":

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, ModelParallelStrategy
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -115,23 +116,40 @@ def run(mode: str, config: dict[str, Any], out: Path) -> None:
     loader = DataLoader(dataset, batch_size=config["batch_size"], shuffle=False)
     callback = CoMHE(**config["comhe"])
     recorder = BatchRecorder()
-    trainer = Trainer(
-        accelerator="cpu",
-        devices=devices,
-        num_nodes=num_nodes,
-        strategy=strategy,
-        precision=precision,
-        max_steps=config["max_steps"],
-        accumulate_grad_batches=config["accumulate"],
-        callbacks=[callback, recorder],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
+    resume_at = config.get("resume_at")
+    extra: list[Callback] = []
+    ckpt_dir = out / f"{config['name']}_ckpt"
+    if resume_at:  # checkpoint after step `resume_at` of the straight run, then resume a fresh run from it
+        extra.append(ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=resume_at, save_top_k=-1, filename="{step}"))
+
+    def trainer_for(callbacks: list[Callback]) -> Trainer:
+        return Trainer(
+            accelerator="cpu",
+            devices=devices,
+            num_nodes=num_nodes,
+            strategy=strategy,
+            precision=precision,
+            max_steps=config["max_steps"],
+            accumulate_grad_batches=config["accumulate"],
+            callbacks=callbacks,
+            logger=False,
+            enable_checkpointing=bool(resume_at),
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+        )
+
+    trainer = trainer_for([callback, recorder, *extra])
     trainer.fit(model, loader)
     weights = full_weights(model)
+    resumed: dict[str, Any] = {}
+    if resume_at:
+        # built in float64: the checkpoint is restored into the module before "64-true" would convert it
+        fresh_cb, fresh = CoMHE(**config["comhe"]), TinyMLP(momentum=0.9, seed=123).double()
+        strategy = DDPStrategy(process_group_backend="gloo", timeout=TIMEOUT)
+        again = trainer_for([fresh_cb])
+        again.fit(fresh, loader, ckpt_path=str(ckpt_dir / f"step={resume_at}.ckpt"))
+        resumed = {"weights": full_weights(fresh), "callback_state": fresh_cb.state_dict()}
     result = {
         "world_size": trainer.world_size,
         "global_rank": trainer.global_rank,
@@ -145,6 +163,8 @@ def run(mode: str, config: dict[str, Any], out: Path) -> None:
         "engine": type(trainer.strategy.model).__name__,
         "zero_stage": trainer.strategy.config["zero_optimization"]["stage"] if mode == "deepspeed" else None,
         "engine_steps": getattr(trainer.strategy.model, "global_steps", None),
+        "shard": callback._shard,
+        "resumed": resumed,
     }
     torch.save(result, out / f"{config['name']}_rank{trainer.global_rank}.pt")
 

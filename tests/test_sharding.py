@@ -1,0 +1,129 @@
+"""The penalty split across ranks (lightning_comhe.sharding): the plan, and the shares against the whole penalty.
+
+Single-process: the shares of every rank of a plan are computed one after the other on one regularizer; their
+penalties (and the gradients of ``W R_r``, averaged over ranks as DDP does) must equal the unsharded penalty and
+its gradient in float64. The 2-process DDP runs are in ``tests/test_distributed.py``.
+"""
+
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_comhe import CoMHERegularizer
+from lightning_comhe.sharding import imbalance, plan_shards, rank_costs
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "mhe": {"variant": "mhe"},
+    "half_mhe": {"variant": "half_mhe"},
+    "random": {"variant": "random", "projection_dim": 4, "num_projections": 5},
+    "expected": {"variant": "random", "projection_dim": 5, "projection_kind": "expected"},
+    "srht": {"variant": "random", "projection_dim": 4, "num_projections": 3, "projection_kind": "srht"},
+    "angle": {"variant": "angle", "projection_dim": 4, "inner_steps": 2, "lookahead": "second"},
+    "adversarial": {"variant": "adversarial", "projection_dim": 4, "inner_steps": 2},
+}
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, groups=1),
+        nn.Conv2d(8, 8, 3, groups=2),  # two sets of 4 neurons
+        nn.Conv2d(8, 8, 3),
+        nn.Flatten(),
+        nn.Linear(8, 12),
+        nn.Linear(12, 12),
+        nn.Linear(12, 5),
+    ).double()
+
+
+def _grads(model: nn.Module, penalty: torch.Tensor) -> list[torch.Tensor]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(penalty, params, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
+
+
+@pytest.mark.parametrize("world", [2, 3, 7, 64])
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_the_shares_add_up_to_the_whole_penalty_and_gradient(name: str, world: int) -> None:
+    model = _model()
+    reg = CoMHERegularizer(model, **VARIANTS[name], seed=3)
+    reg.refresh(0.1)
+    whole = reg.compute()
+    plan = reg.shard_plan(world)
+    assert len(plan) == world
+    penalty = torch.zeros((), dtype=torch.float64)
+    want = _grads(model, whole.penalty)
+    grads = [torch.zeros_like(g) for g in want]
+    energies: dict[str, torch.Tensor] = {}
+    for share in plan:
+        part = reg.compute(share)
+        penalty = penalty + part.penalty.detach()
+        if not share:  # more ranks than units: nothing to compute, no gradient
+            assert part.penalty.item() == 0.0 and not part.energies
+            continue
+        for acc, g in zip(grads, _grads(model, world * part.penalty), strict=True):
+            acc += g / world  # DDP averages the ranks' gradients of W·R_r
+        for layer, e in part.energies.items():
+            energies[layer] = energies.get(layer, 0) + e
+    torch.testing.assert_close(penalty, whole.penalty.detach(), rtol=1e-12, atol=1e-12)
+    for got, ref in zip(grads, want, strict=True):
+        torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+    assert energies.keys() == whole.energies.keys()
+    for layer, e in whole.energies.items():
+        torch.testing.assert_close(energies[layer], e, rtol=1e-12, atol=1e-12)
+
+
+def test_the_plan_is_deterministic_complete_and_balanced() -> None:
+    reg = CoMHERegularizer(_model(), **VARIANTS["random"])
+    plan = reg.shard_plan(4)
+    assert plan == plan_shards(reg.groups, reg.family, 4)  # a pure function of shapes, config and W
+    covered: dict[str, list[tuple[int, int]]] = {}
+    for share in plan:
+        for key, parts in share.items():
+            for s, start, stop in parts:
+                covered.setdefault(key, []).extend((s, c) for c in range(start, stop))
+    for group in reg.groups:
+        units = 5 if group.mode == "projected" else 1
+        assert sorted(covered[group.key]) == [(s, c) for s in range(group.num_sets) for c in range(units)]
+    costs = rank_costs(reg.groups, reg.family, plan)
+    assert imbalance(costs) < 1.5
+    assert imbalance([1.0, 1.0]) == 1.0 and imbalance([3.0, 1.0]) == 1.5
+
+
+def test_learned_projections_are_owned_by_one_rank_each() -> None:
+    reg = CoMHERegularizer(_model(), **VARIANTS["angle"])
+    plan = reg.shard_plan(3)
+    modes = {g.key: g.mode for g in reg.groups}
+    owners: dict[str, list[int]] = {}
+    for rank, share in enumerate(plan):
+        for key, parts in share.items():
+            if modes[key] == "projected":
+                assert parts == [(-1, 0, 1)]
+            owners.setdefault(key, []).append(rank)
+    projected = [g.key for g in reg.groups if g.mode == "projected"]
+    assert projected and all(len(owners[k]) == 1 for k in projected)
+
+
+def test_a_rank_refreshes_only_its_own_learned_groups() -> None:
+    reg = CoMHERegularizer(_model(), **VARIANTS["adversarial"])
+    share = reg.shard_plan(2)[0]
+    reg.refresh(0.1, share)
+    fitted = set(reg.family.projector.keys())
+    projected = {g.key for g in reg.groups if g.mode == "projected"}
+    assert fitted == projected & set(share)
+
+
+def test_ranks_outnumbering_the_units_get_empty_shares_and_a_zero_penalty() -> None:
+    reg = CoMHERegularizer(_model(), "mhe")
+    plan = reg.shard_plan(512)
+    assert sum(1 for share in plan if share) == sum(g.num_sets for g in reg.groups)
+    empty = next(share for share in plan if not share)
+    assert reg.compute(empty).penalty.item() == 0.0
+
+
+def test_world_size_is_validated() -> None:
+    reg = CoMHERegularizer(_model(), "mhe")
+    with pytest.raises(ValueError, match="`world_size` must be an int >= 1, got 0"):
+        reg.shard_plan(0)
