@@ -263,9 +263,9 @@ def check_cheap_settings(device: torch.device, quick: bool) -> dict[str, Any]:
                 if isinstance(cb, CoMHE) and cb.regularizer is not None:
                     inner = cb.regularizer.compute
 
-                    def counted(inner=inner):
+                    def counted(*args, inner=inner):
                         self.steps.append(self.trainer.global_step)
-                        return inner()
+                        return inner(*args)
 
                     cb.regularizer.compute = counted
 
