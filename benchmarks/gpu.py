@@ -291,6 +291,38 @@ def check_cheap_settings(device: torch.device, quick: bool) -> dict[str, Any]:
     return result
 
 
+def check_two_devices(device: torch.device, quick: bool) -> dict[str, float]:
+    """Weights on cpu and on ``device`` (model parallelism): penalty and gradients equal the all-CPU run."""
+    from lightning_comhe import CoMHERegularizer
+
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(24, 32), torch.nn.Linear(32, 32), torch.nn.Linear(32, 10)]
+    split = torch.nn.Sequential(layers[0], layers[1].to(device), layers[2].to(device))
+    ref = torch.nn.Sequential(*(torch.nn.Linear(1, 1) for _ in range(3)))
+    for i, layer in enumerate(split):
+        ref[i] = torch.nn.Linear(layer.in_features, layer.out_features)
+        ref[i].load_state_dict({k: v.cpu() for k, v in layer.state_dict().items()})
+    detail = {}
+    # deterministic variants only: random and learned projections draw from per-device generators
+    for variant, kw in (
+        ("mhe", {}),
+        ("half_mhe", {}),
+        ("random", {"projection_dim": 8, "projection_kind": "expected"}),
+    ):
+        regs = [CoMHERegularizer(m, variant, seed=1, **kw) for m in (split, ref)]
+        for reg, model in zip(regs, (split, ref), strict=True):
+            model.zero_grad()
+            reg.refresh(0.1)
+            reg().penalty.backward()
+        got = [p.grad.cpu() for p in split.parameters() if p.grad is not None]
+        want = [p.grad for p in ref.parameters() if p.grad is not None]
+        detail[variant] = max(
+            float((a - b).abs().max() / (b.abs().max() + 1e-12)) for a, b in zip(got, want, strict=True)
+        )
+        assert detail[variant] < 1e-4, (variant, detail[variant])
+    return detail
+
+
 def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = common.base_parser(__doc__.splitlines()[0])
     parser.set_defaults(device="cuda", out=common.RESULTS / "gpu")
@@ -309,6 +341,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     _check("regularizer vs CPU", lambda: check_regularizer(device, args.quick), checks)
     _check("bf16 autocast and fp16 GradScaler", lambda: check_mixed_precision(device, args.quick), checks)
     _check("expected kind and every_n_steps (Lightning)", lambda: check_cheap_settings(device, args.quick), checks)
+    _check("weights on cpu and the GPU (model parallelism)", lambda: check_two_devices(device, args.quick), checks)
     report["checks"] = checks
     if not args.skip_benchmarks:
         from benchmarks import floor, ladder, memory, overhead, scale

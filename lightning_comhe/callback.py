@@ -167,6 +167,7 @@ class CoMHE(Callback):
         self._closure_batch: int | None = None
         self._injection = GradientInjection()
         self._shard: tuple[int, int] | None = None  # (rank, world size) of a penalty split across ranks
+        self._said_unsharded = False
 
     def __getattr__(self, name: str) -> Any:
         # the configuration fields, read-only: `callback.variant`, `callback.weight`, ... (as passed, not resolved)
@@ -319,6 +320,12 @@ class CoMHE(Callback):
         if step % every != 0:
             return  # lazy regularization: nothing is computed or added on this step
         self._shard = penalty_shard(trainer, self.shard, regularizer.family.shardable)
+        if self._shard is None and self.shard and trainer.world_size > 1 and not self._said_unsharded:
+            self._said_unsharded = True
+            rank_zero_info(
+                f"CoMHE(shard=True) has no effect under {type(trainer.strategy).__name__} with variant "
+                f"{self.variant!r}: every rank computes the whole penalty (docs/strategies/ddp.md)."
+            )
         share = None if self._shard is None else regularizer.shard_plan(self._shard[1])[self._shard[0]]
         if step != self._last_refresh_step:
             if regularizer.sync():  # requires_grad or the module tree changed (fine-tuning schedules, a new head)
