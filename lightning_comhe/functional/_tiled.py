@@ -291,7 +291,10 @@ def overflow_scale(v: Tensor) -> Tensor:
     """
     m = torch.linalg.vector_norm(v.detach(), ord=math.inf, dim=-1)
     big = m > math.sqrt(torch.finfo(v.dtype).max / (4 * max(1, v.shape[-1])))
-    return torch.where(big, torch.ldexp(torch.ones_like(m), -torch.frexp(m).exponent), 1.0)
+    # 2^-(floor(log2 m) + 1): an exact power of two (log2 may round at a boundary; the factor stays a power of two).
+    # Not torch.frexp: it has no XLA lowering (a host round trip per call on TPUs).
+    exponent = torch.floor(torch.log2(torch.where(big, m, 1.0))) + 1
+    return torch.where(big, torch.exp2(-exponent), 1.0)
 
 
 def _normalize(v: Tensor, eps: float | Tensor, fused: bool) -> tuple[Tensor, Tensor]:
