@@ -27,7 +27,7 @@ from benchmarks.report_targets import kernel_bound_note, targets, thread_note, u
 
 
 def render(results: Path, doc: Path) -> str:
-    names = ("kernel", "floor", "overhead", "ladder", "scale", "scale_c20", "memory", "compiled")
+    names = ("kernel", "floor", "overhead", "ladder", "scale", "scale_c20", "memory", "compiled", "shard")
     res = {n: load(results, n) for n in names}
     first = next((r for r in res.values() if r), None)
     machine = first["machine"] if first else {}
@@ -239,6 +239,33 @@ def render(results: Path, doc: Path) -> str:
             "eager tiles already do little besides the matmuls, which the compiled graph calls as well. It stays "
             "opt-in, for GPUs (Triton), where `benchmarks/gpu.py` measures it.\n"
         )
+
+    out.append("## 8. The penalty split across ranks\n")
+    out.append(
+        "`CoMHE(shard=True)` (the default) gives each DDP rank a balanced share of the penalty "
+        "([DDP](strategies/ddp.md)). Measured: the time of each rank's share (refresh + forward + backward; the "
+        "work of a share is local, DDP adds only the gradient all-reduce it does anyway), next to the whole "
+        "penalty, same run. Modelled: per-group times measured here times the plan of W ranks, for models and "
+        "rank counts this machine cannot run.\n"
+    )
+    out.append(md(results, "shard") + "\n")
+    out.append(provenance(res.get("shard"), machine))
+
+    out.append("## 9. XLA (PyTorch/XLA's CPU client)\n")
+    xla = results / "xla_compilation.md"
+    if xla.is_file():
+        out.append(
+            "Compilation counts and host transfers on a real XLA device, from `tests/xla/report_compilation.py` in "
+            "the XLA environment of `.ci/run` (step 3; torch 2.9.0, torch_xla 2.9.0, lightning 2.6.6); `tests/xla` "
+            "asserts the same properties in CI. Every variant, look-ahead mode and projection kind compiles its "
+            "graphs in the first two steps and nothing afterwards (the first four with `every_n_steps=2`: the "
+            "penalized and the plain step each have a graph); under `SingleDeviceXLAStrategy` Lightning's own "
+            "logging adds one or two graphs at the first step after an epoch boundary, as it does for a module "
+            "without CoMHE. The penalty path reads nothing back from the device. Full tables: "
+            "[`benchmarks/results/xla_compilation.md`](../benchmarks/results/xla_compilation.md).\n"
+        )
+    else:
+        out.append("_Not run._\n")
 
     out.append("## GPU\n")
     gpu = load(results / "gpu", "gpu_summary")
