@@ -261,7 +261,7 @@ class _EpsNormalize(torch.autograd.Function):
         u = v * inv[..., None]
         ctx.save_for_backward(v)
         ctx.eps = eps
-        ctx.fast = (u, inv)  # plain tensors for the first-order backward
+        ctx.fast = (u.detach(), inv.detach())  # for the first-order backward; detached: no ctx <-> output cycle
         ctx.set_materialize_grads(False)
         return u, nrm2
 
@@ -291,10 +291,10 @@ def overflow_scale(v: Tensor) -> Tensor:
     """
     m = torch.linalg.vector_norm(v.detach(), ord=math.inf, dim=-1)
     big = m > math.sqrt(torch.finfo(v.dtype).max / (4 * max(1, v.shape[-1])))
-    # 2^-(floor(log2 m) + 1): an exact power of two (log2 may round at a boundary; the factor stays a power of two).
-    # Not torch.frexp: it has no XLA lowering (a host round trip per call on TPUs).
+    # 2^-(floor(log2 m) + 1): a power of two (log2 may round at a boundary; the factor stays a power of two).
+    # Not torch.frexp nor torch.exp2: they have no XLA lowering (a host round trip per call on TPUs).
     exponent = torch.floor(torch.log2(torch.where(big, m, 1.0))) + 1
-    return torch.where(big, torch.exp2(-exponent), 1.0)
+    return torch.where(big, torch.pow(2.0, -exponent), 1.0)
 
 
 def _normalize(v: Tensor, eps: float | Tensor, fused: bool) -> tuple[Tensor, Tensor]:
