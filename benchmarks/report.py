@@ -262,7 +262,7 @@ def render(results: Path, doc: Path) -> str:
             "penalized and the plain step each have a graph); under `SingleDeviceXLAStrategy` Lightning's own "
             "logging adds one or two graphs at the first step after an epoch boundary, as it does for a module "
             "without CoMHE. The penalty path reads nothing back from the device. Full tables: "
-            "[`benchmarks/results/xla_compilation.md`](../benchmarks/results/xla_compilation.md).\n"
+            "`benchmarks/results/xla_compilation.md` in the repository.\n"
         )
     else:
         out.append("_Not run._\n")
