@@ -7,7 +7,15 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 
-__all__ = ["all_reduce_sum", "check_strategy", "merge_owned_entries", "optimizer_step_index", "penalty_shard"]
+__all__ = [
+    "all_reduce_sum",
+    "batch_index",
+    "check_strategy",
+    "merge_owned_entries",
+    "optimizer_step_index",
+    "penalty_shard",
+    "totals_over_ranks",
+]
 
 
 def optimizer_step_index(trainer: "pl.Trainer") -> int:
@@ -22,6 +30,11 @@ def optimizer_step_index(trainer: "pl.Trainer") -> int:
         if isinstance(steps, int):
             return steps
     return trainer.global_step
+
+
+def batch_index(trainer: "pl.Trainer") -> int:
+    """How many training batches the fit has started: the same for every closure evaluation of one batch."""
+    return trainer.fit_loop.epoch_loop.batch_progress.total.ready
 
 
 def check_strategy(strategy: Any) -> None:
@@ -77,6 +90,13 @@ def all_reduce_sum(t: Tensor) -> Tensor:
     out = t.detach().clone()
     torch.distributed.all_reduce(out)
     return out
+
+
+def totals_over_ranks(penalty: Tensor, energies: dict[str, Tensor], names: list[str]) -> tuple[Tensor, dict]:
+    """The penalty and the energies of ``names`` summed over ranks: one collective of ``[R_r, energies...]``."""
+    zero = penalty.new_zeros(())
+    totals = all_reduce_sum(torch.stack([penalty, *(energies.get(n, zero).to(penalty) for n in names)]))
+    return totals[0], dict(zip(names, totals[1:], strict=True))
 
 
 def merge_owned_entries(entries: dict[str, Any], owned: set[str]) -> dict[str, Any]:

@@ -21,22 +21,20 @@ from typing_extensions import override
 from lightning_comhe._injection import GradientInjection
 from lightning_comhe._strategy import (
     all_reduce_sum,
+    batch_index,
     check_strategy,
     merge_owned_entries,
     optimizer_step_index,
     penalty_shard,
+    totals_over_ranks,
 )
+from lightning_comhe._timing import PenaltyTiming
 from lightning_comhe.config import EnergyConfig, ScheduleConfig, SelectionConfig, split_kwargs
 from lightning_comhe.regularizer import CoMHERegularizer
 
 __all__ = ["CoMHE"]
 
 _STATE_VERSION = 1
-
-
-def _batch_index(trainer: "pl.Trainer") -> int:
-    """How many training batches the fit has started: the same for every closure evaluation of one batch."""
-    return trainer.fit_loop.epoch_loop.batch_progress.total.ready
 
 
 class CoMHE(Callback):
@@ -159,12 +157,7 @@ class CoMHE(Callback):
         self._module: pl.LightningModule | None = None
         self._build_on_backward = False
         self._pending_state: dict[str, Any] | None = None
-        # Global step whose projections are current (restored from checkpoints).
-        self._last_refresh_step: int | None = None
-        # Global step whose penalty was already added (automatic optimization; runtime only, never restored).
-        self._penalized_step: int | None = None
-        self._reevaluated = False  # an optimizer step re-evaluates its closure (LBFGS): penalize that backward too
-        self._closure_batch: int | None = None
+        self._timing = PenaltyTiming(self.schedule.every_n_steps)  # which backward passes get the penalty
         self._injection = GradientInjection()
         self._shard: tuple[int, int] | None = None  # (rank, world size) of a penalty split across ranks
         self._said_unsharded = False
@@ -259,9 +252,8 @@ class CoMHE(Callback):
         check_strategy(trainer.strategy)
         self._warn_log_collisions(trainer)
         # A new fit starts from its own global step; a checkpoint (restored after `setup`) sets it back.
-        self._last_refresh_step = None
-        self._penalized_step = None
-        self._reevaluated = False
+        self._timing.last_refresh = None
+        self._timing.reset()
         self._injection.cancel()
         self._build_on_backward = False
         if self._regularizer is not None and self._module is pl_module:
@@ -315,9 +307,8 @@ class CoMHE(Callback):
             self._build(pl_module)
         regularizer = self._regularizer
         assert regularizer is not None
-        step = optimizer_step_index(trainer)
-        every = self.every_n_steps
-        if step % every != 0:
+        step, timing = optimizer_step_index(trainer), self._timing
+        if not timing.due(step):
             return  # lazy regularization: nothing is computed or added on this step
         self._shard = penalty_shard(trainer, self.shard, regularizer.family.shardable)
         if self._shard is None and self.shard and trainer.world_size > 1 and not self._said_unsharded:
@@ -326,34 +317,30 @@ class CoMHE(Callback):
                 f"CoMHE(shard=True) has no effect under {type(trainer.strategy).__name__} with variant "
                 f"{self.variant!r}: every rank computes the whole penalty (docs/strategies/ddp.md)."
             )
-        share = None if self._shard is None else regularizer.shard_plan(self._shard[1])[self._shard[0]]
-        if step != self._last_refresh_step:
+        if timing.needs_refresh(step):
             if regularizer.sync():  # requires_grad or the module tree changed (fine-tuning schedules, a new head)
                 rank_zero_info(f"{'' if self.name is None else f'[{self.name}] '}{regularizer.summary()}")
-                if self._shard is not None:
-                    share = regularizer.shard_plan(self._shard[1])[self._shard[0]]
-            regularizer.refresh(self._current_lr(trainer, regularizer), share)
-            self._last_refresh_step = step
-        if step == self._penalized_step and not (self._reevaluated and self._closure_batch == _batch_index(trainer)):
+            regularizer.refresh(self._current_lr(trainer, regularizer), self._share(regularizer))
+        if not timing.penalize(step, batch_index(trainer)):
             return  # a later micro-batch (or `manual_backward`) of the step: its first backward has the penalty
-        self._penalized_step, self._reevaluated = step, False
+        share = self._share(regularizer)
         out = regularizer.compute(share)
         penalty = out.penalty
-        factor = every * (1 if self._shard is None else self._shard[1])  # lazy ×m; a share R_r counts ×W
+        factor = timing.factor * (1 if self._shard is None else self._shard[1])  # lazy ×m; a share R_r counts ×W
         added = penalty * factor if factor > 1 else penalty
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         if scaler is not None:
             added = scaler.scale(added)
         self._injection.arm(loss, added, regularizer.parameters(), materialize=self._shard is not None)
-        self._log(pl_module, regularizer, out, log_energies=(step // every) % self.log_every == 0)
+        self._log(pl_module, regularizer, out, log_energies=(step // timing.factor) % self.log_every == 0)
+
+    def _share(self, regularizer: CoMHERegularizer) -> Any:
+        return None if self._shard is None else regularizer.shard_plan(self._shard[1])[self._shard[0]]
 
     def _log(self, pl_module: "pl.LightningModule", reg: CoMHERegularizer, out: Any, log_energies: bool) -> None:
         prefix, penalty, energies = self.log_prefix, out.penalty.detach(), out.energies
-        if self._shard is not None:  # the totals over ranks: one collective of [R_r, the share's layer energies]
-            names = reg.selection.names if log_energies else []
-            zero = penalty.new_zeros(())
-            totals = all_reduce_sum(torch.stack([penalty, *(energies.get(n, zero).to(penalty) for n in names)]))
-            penalty, energies = totals[0], dict(zip(names, totals[1:], strict=True))
+        if self._shard is not None:  # the totals over ranks
+            penalty, energies = totals_over_ranks(penalty, energies, reg.selection.names if log_energies else [])
         pl_module.log(f"{prefix}/penalty", penalty, on_step=True, on_epoch=False, sync_dist=False)
         if log_energies:
             for layer, energy in energies.items():
@@ -370,11 +357,8 @@ class CoMHE(Callback):
     def on_before_optimizer_step(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: torch.optim.Optimizer
     ) -> None:
-        # Called after every closure evaluation: a further backward of the same batch within the same step
-        # re-evaluates the closure (LBFGS, SAM). Another batch of the same step is a micro-batch (DeepSpeed calls
-        # the optimizer step on every micro-batch of its accumulation window): it does not count.
-        self._reevaluated = self._penalized_step == optimizer_step_index(trainer)
-        self._closure_batch = _batch_index(trainer)
+        # after every closure evaluation: a further backward of the same batch re-evaluates it (LBFGS, SAM)
+        self._timing.closure_evaluated(optimizer_step_index(trainer), batch_index(trainer))
 
     # ----------------------------------------------------------------------------------------------------------
     # state
@@ -393,12 +377,12 @@ class CoMHE(Callback):
             reg_state = self._pending_state.get("regularizer")
         else:
             reg_state = None
-        return {"version": _STATE_VERSION, "last_refresh_step": self._last_refresh_step, "regularizer": reg_state}
+        return {"version": _STATE_VERSION, "last_refresh_step": self._timing.last_refresh, "regularizer": reg_state}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._last_refresh_step = state_dict.get("last_refresh_step")
-        self._penalized_step = None
+        self._timing.last_refresh = state_dict.get("last_refresh_step")
+        self._timing.reset()
         if self._regularizer is not None:
             self._load_regularizer_state(state_dict)
         else:

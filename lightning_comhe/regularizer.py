@@ -49,9 +49,10 @@ from lightning_comhe.config import (
     variant_defaults,
 )
 from lightning_comhe.config import VARIANTS as VARIANTS
-from lightning_comhe.discovery import LayerSelection, discover_layers
-from lightning_comhe.energies import EnergyFamily, Group, build_energy, build_groups
+from lightning_comhe.discovery import LayerSelection
+from lightning_comhe.energies import EnergyFamily, Group, build_energy
 from lightning_comhe.sharding import Part, ShardPlan, plan_shards
+from lightning_comhe.tracking import TrackedLayers
 
 __all__ = [
     "CoMHERegularizer",
@@ -126,8 +127,8 @@ class CoMHERegularizer:
         self.config, self.selection_config = resolve_configs(variant, energy, selection, kwargs)
         self.family: EnergyFamily = build_energy(self.config)
         self._model_ref = model
-        self._signature: tuple[list[Tensor], list[bool]] = ([], [])
-        self._select(allow_empty=False)
+        self._layers = TrackedLayers(model, self.selection_config, self.family)
+        self._plan: tuple[tuple, ShardPlan] | None = None
         self._refreshes = 0
 
     # ------------------------------------------------------------------------------------------------------------
@@ -196,16 +197,15 @@ class CoMHERegularizer:
         return self.selection.summary() + (f"; {extra}" if extra else "")
 
     # ------------------------------------------------------------------------------------------------------------
-    def _select(self, allow_empty: bool) -> None:
-        self._signature = self._current_signature()
-        kwargs = self.selection_config.discovery_kwargs()
-        self.selection: LayerSelection = discover_layers(self._model_ref, **kwargs, allow_empty=allow_empty)
-        self._layer_by_name = {layer.name: layer for layer in self.selection.layers}
-        self.groups: tuple[Group, ...] = self._build_groups()
+    @property
+    def selection(self) -> LayerSelection:
+        """The selected layers (and the skipped ones, with reasons), as of the last :meth:`sync`."""
+        return self._layers.selection
 
-    def _current_signature(self) -> tuple[list[Tensor], list[bool]]:
-        params = list(self._model_ref.parameters())
-        return params, [p.requires_grad for p in params]
+    @property
+    def groups(self) -> tuple[Group, ...]:
+        """The groups of equally shaped, equally treated neuron sets, computed together."""
+        return self._layers.groups
 
     def sync(self) -> bool:
         """Follow the model as it is now; cheap when nothing changed (one pass over its parameters).
@@ -218,41 +218,19 @@ class CoMHERegularizer:
         Returns:
             Whether the selection was rebuilt.
         """
-        params, flags = self._current_signature()
-        old_params, old_flags = self._signature
-        same = len(params) == len(old_params) and all(a is b for a, b in zip(params, old_params, strict=True))
-        if same and flags == old_flags:
+        if not self._layers.changed():
             return False
-        self._select(allow_empty=True)
+        self._layers.rebuild(allow_empty=True)
         self.family.retain(self.groups)
         return True
 
-    def _build_groups(self) -> tuple[Group, ...]:
-        self._plan: tuple[tuple, ShardPlan] | None = None
-        groups = build_groups(self.selection.layers, self.family)
-        self._layer_sets: dict[str, int] = {}
-        for group in groups:
-            for m in group.members:
-                self._layer_sets[m.layer] = self._layer_sets.get(m.layer, 0) + m.num_sets
-        return groups
-
     def group_neurons(self, group: Group, cache: dict[str, list[Tensor]] | None = None) -> Tensor:
         """The current ``(G, N, d)`` neurons of ``group`` (differentiable); ``cache`` shares layer extractions."""
-        cache = {} if cache is None else cache
-        parts = []
-        for m in group.members:
-            if m.layer not in cache:
-                cache[m.layer] = self._layer_by_name[m.layer].neuron_sets()
-            parts.append(cache[m.layer][m.tensor_index])
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        return self._layers.group_neurons(group, cache)
 
     def parameters(self) -> list[Tensor]:
         """The distinct tensors the penalty is read from (weights, or their direction parameters), in layer order."""
-        seen: dict[int, Tensor] = {}
-        for layer in self.selection.layers:
-            for t in layer.weights():
-                seen.setdefault(id(t), t)
-        return list(seen.values())
+        return self._layers.parameters()
 
     # ------------------------------------------------------------------------------------------------------------
     def refresh(self, lr: float | None = None, share: dict[str, list[Part]] | None = None) -> None:
@@ -317,7 +295,7 @@ class CoMHERegularizer:
                 else:
                     mine = [j for j, s in enumerate(sets) if start <= s < start + m.num_sets]
                     if mine:
-                        part = detached[mine].sum() / self._layer_sets[m.layer]
+                        part = detached[mine].sum() / self._layers.layer_sets[m.layer]
                         per_layer.setdefault(m.layer, []).append(part.reshape(1))
                 start += m.num_sets
         if penalty is None:  # nothing is selected right now (:meth:`sync` after a freeze), or nothing is this rank's

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from lightning_comhe.functional import _expected_kernel as kernel_mod
 from lightning_comhe.functional import _fisher
 from lightning_comhe.functional import expected as expected_mod
 from lightning_comhe.functional.energy import hyperspherical_energy, projected_energy
@@ -270,7 +271,7 @@ def test_argument_validation():
 
 
 def test_construction_is_fast_and_cached():
-    expected_mod._cached_kernel.cache_clear()
+    kernel_mod._cached_kernel.cache_clear()
     t0 = time.perf_counter()
     ker = expected_kernel(37, "a1", eps=1e-4)
     elapsed = time.perf_counter() - t0
@@ -308,7 +309,7 @@ def test_identity_kernel_reduces_to_half_space_mhe(power, monkeypatch):
     w[6] *= 1e-3  # near-zero
     s, angular = expected_kernel(10**6, power).s, expected_kernel(10**6, power).angular
     ker = _IdentityKernel(s, angular, eps)
-    monkeypatch.setattr(expected_mod, "_cached_kernel", lambda *args: ker)
+    monkeypatch.setattr(expected_mod, "expected_kernel", lambda *args: ker)
     n = w.shape[0]
     mine = expected_projected_energy(w, 10**6, power, eps=eps)
     # replace our self pairs f(-1) by the library's f(-c_ii), c_ii = 1 - q_i

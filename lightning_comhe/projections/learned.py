@@ -26,6 +26,7 @@ from lightning_comhe._validation import check_choice, check_float, check_int
 from lightning_comhe.config import LOOKAHEADS, Lookahead
 from lightning_comhe.functional._dtype import compute_dtype
 from lightning_comhe.projections._common import STATE_VERSION, check_key, check_sets, check_state, warn_config
+from lightning_comhe.projections._inner import is_plain_sgd, optimizer_steps, sgd_steps
 from lightning_comhe.projections._rng import KeyedGenerators, randn
 
 __all__ = ["LearnedProjection"]
@@ -34,15 +35,6 @@ __all__ = ["LearnedProjection"]
 def _check_call_lr(lr: Any) -> float:
     """A per-call learning rate ``>= 0``: the main optimizer's current one, which a warmup may make 0 (a no-op step)."""
     return check_float("lr", lr)  # type: ignore[return-value]
-
-
-def _plain_sgd(opt: torch.optim.Optimizer, p: Tensor) -> bool:
-    """Whether ``opt`` is this module's side optimizer: one group holding ``p``, SGD without momentum."""
-    if type(opt) is not torch.optim.SGD or len(opt.param_groups) != 1:
-        return False
-    group = opt.param_groups[0]
-    params = group["params"]
-    return len(params) == 1 and params[0] is p and group["momentum"] == 0 and not group.get("differentiable", False)
 
 
 class LearnedProjection:
@@ -269,51 +261,10 @@ class LearnedProjection:
         if self.steps == 0:
             with torch.no_grad():
                 return self._objective(w, p.detach())
-        if not _plain_sgd(opt, p):  # a restored optimizer that is not plain SGD on P: let it step
-            return self._fit_with_optimizer(w, p, opt, lr_now)
-        dtype = compute_dtype(w)
-        w = w.to(dtype)
-        context = self._fit_context(w)
-        (group,) = opt.param_groups
-        wd, maximize = float(group["weight_decay"]), bool(group["maximize"])
-        before: Tensor | None = None
-        with torch.no_grad():
-            for _ in range(self.steps):
-                value, grad = self._value_and_grad(w, context, p.detach().to(dtype))
-                if before is None:
-                    before = value
-                grad = grad.to(p.dtype)
-                # torch.optim.SGD's update without momentum, op for op and in place: g <- -g (maximize),
-                # g <- g + wd·P, P <- P - lr·g (the side optimizer keeps no state, so its state_dict is unchanged)
-                if maximize:
-                    grad.neg_()
-                if wd != 0:
-                    grad.add_(p, alpha=wd)
-                p.add_(grad, alpha=-lr_now)
-        assert before is not None
-        return before
-
-    def _fit_with_optimizer(self, w: Tensor, p: Tensor, opt: torch.optim.Optimizer, lr_now: float) -> Tensor:
-        """:meth:`fit` through ``opt.step()`` (for a side optimizer other than momentum-free SGD on ``p``)."""
-        saved_lr = [group["lr"] for group in opt.param_groups]
-        for group in opt.param_groups:
-            group["lr"] = lr_now
-        before: Tensor | None = None
-        try:
-            for _ in range(self.steps):
-                with torch.enable_grad():
-                    obj = self._objective(w, p)
-                    (grad,) = torch.autograd.grad(obj.sum(), p)
-                if before is None:
-                    before = obj.detach()
-                p.grad = grad.to(p.dtype)
-                opt.step()
-                p.grad = None
-        finally:
-            for group, value in zip(opt.param_groups, saved_lr, strict=True):
-                group["lr"] = value
-        assert before is not None
-        return before
+        if not is_plain_sgd(opt, p):  # a restored optimizer that is not plain SGD on P: let it step
+            return optimizer_steps(p, w, self._objective, opt, self.steps, lr_now)
+        w = w.to(compute_dtype(w))
+        return sgd_steps(p, w, self._fit_context(w), self._value_and_grad, opt, self.steps, lr_now)
 
     def projections(self, key: str, neurons: Tensor, lr: float | None = None) -> Tensor:
         r"""The projections to feed ``projected_energy(neurons, P, half_space=True)``.
