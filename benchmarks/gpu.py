@@ -131,13 +131,18 @@ def check_structured(device: torch.device, quick: bool) -> None:
         assert torch.isfinite(gw).all()
 
 
-def check_regularizer(device: torch.device, quick: bool) -> dict[str, float]:
-    name = "tiny" if quick else "resnet18"
+def _twin_models(name: str, device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The benchmark model ``name`` twice with equal weights: on the CPU and on ``device``."""
     torch.manual_seed(0)
     cpu_model = common.create_model(name)
     dev_model = common.create_model(name)
     dev_model.load_state_dict(cpu_model.state_dict())
-    dev_model.to(device)
+    return cpu_model, dev_model.to(device)
+
+
+def check_regularizer(device: torch.device, quick: bool) -> dict[str, float]:
+    name = "tiny" if quick else "resnet18"
+    cpu_model, dev_model = _twin_models(name, device)
     errs = {}
     for variant in common.VARIANTS:
         reg_d = common.make_regularizer(dev_model, variant)
@@ -175,40 +180,17 @@ def check_mixed_precision(device: torch.device, quick: bool) -> dict[str, Any]:
     if device.type != "cuda":
         return result
     try:
-        import lightning.pytorch as pl
-
         from lightning_comhe.callback import CoMHE
     except Exception as err:  # noqa: BLE001
         result["lightning"] = f"skipped: {err}"
         return result
     from torch.utils.data import DataLoader, TensorDataset
 
-    class Module(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.net = common.create_model(name)
-
-        def training_step(self, batch, _):
-            loss = F.cross_entropy(self.net(batch[0]), batch[1])
-            self.log("loss", loss)
-            return loss
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
+    from benchmarks.lightning_parts import Classifier, quiet_trainer
 
     data = TensorDataset(torch.randn(64, 3, 32, 32), torch.randint(0, 100, (64,)))
-    trainer = pl.Trainer(
-        max_steps=4,
-        accelerator="gpu",
-        devices=1,
-        precision="16-mixed",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        callbacks=[CoMHE("random")],
-    )
-    module = Module()
-    trainer.fit(module, DataLoader(data, batch_size=16))
+    module = Classifier(common.create_model(name), momentum=0.0, weight_decay=0.0)
+    quiet_trainer(device, 4, [CoMHE("random")], precision="16-mixed").fit(module, DataLoader(data, batch_size=16))
     assert all(torch.isfinite(p).all() for p in module.parameters())
     result["fp16_gradscaler_lightning"] = "ok"
     return result
@@ -216,14 +198,9 @@ def check_mixed_precision(device: torch.device, quick: bool) -> dict[str, Any]:
 
 def check_cheap_settings(device: torch.device, quick: bool) -> dict[str, Any]:
     """The expected kind and lazy regularization through the Lightning callback on ``device``."""
-    import torch.nn.functional as F
 
     name = "tiny" if quick else "resnet18"
-    torch.manual_seed(0)
-    cpu_model = common.create_model(name)
-    dev_model = common.create_model(name)
-    dev_model.load_state_dict(cpu_model.state_dict())
-    dev_model.to(device)
+    cpu_model, dev_model = _twin_models(name, device)
     # the expected kind is deterministic: the device's penalty and gradient equal CPU's
     reg_c, reg_d = (common.make_regularizer(m, "random_expected") for m in (cpu_model, dev_model))
     out_c, out_d = reg_c(), reg_d()
@@ -239,16 +216,7 @@ def check_cheap_settings(device: torch.device, quick: bool) -> dict[str, Any]:
         return result
     from torch.utils.data import DataLoader, TensorDataset
 
-    class Module(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.net = common.create_model(name)
-
-        def training_step(self, batch, _):
-            return F.cross_entropy(self.net(batch[0]), batch[1])
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+    from benchmarks.lightning_parts import Classifier, quiet_trainer
 
     class Spy(pl.Callback):
         """The global steps at which the regularizer computed a penalty."""
@@ -273,17 +241,8 @@ def check_cheap_settings(device: torch.device, quick: bool) -> dict[str, Any]:
     data = TensorDataset(torch.randn(8 * steps, 3, 32, 32), torch.randint(0, 100, (8 * steps,)))
     for every in (1, 4):
         spy = Spy()
-        module = Module()
-        trainer = pl.Trainer(
-            max_steps=steps,
-            accelerator="gpu" if device.type == "cuda" else "cpu",
-            devices=1,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=[CoMHE("random", projection_kind="expected", every_n_steps=every), spy],
-        )
+        module = Classifier(common.create_model(name), weight_decay=0.0)
+        trainer = quiet_trainer(device, steps, [CoMHE("random", projection_kind="expected", every_n_steps=every), spy])
         trainer.fit(module, DataLoader(data, batch_size=8))
         assert all(torch.isfinite(p).all() for p in module.parameters())
         assert spy.steps == [s for s in range(steps) if s % every == 0], (every, spy.steps)

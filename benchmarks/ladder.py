@@ -30,7 +30,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from benchmarks import common
 
@@ -100,22 +99,6 @@ def period_cost(step_times: Sequence[float], first_step: int, every: int) -> flo
     return (statistics.median(penalized) + (every - 1) * statistics.median(others)) / every
 
 
-def _module(pl: Any, net: torch.nn.Module) -> Any:
-    class Module(pl.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = net
-
-        def training_step(self, batch, _):
-            x, y = batch
-            return F.cross_entropy(self.net(x), y)
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-
-    return Module()
-
-
 def fit_once(
     pl: Any, net: torch.nn.Module, kwargs: dict[str, Any] | None, loader: Any, steps: int, device, threads: int
 ) -> list[float]:
@@ -124,18 +107,10 @@ def fit_once(
 
     clock = _StepClock(pl, device, threads)
     middle = [] if kwargs is None else [CoMHE(**kwargs, log_every=10**9)]
-    trainer = pl.Trainer(
-        max_steps=steps,
-        accelerator="gpu" if device.type == "cuda" else "cpu",
-        devices=1,
-        precision="32-true",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[clock.start, *middle, clock.end],
-    )
-    trainer.fit(_module(pl, net), loader)
+    from benchmarks.lightning_parts import Classifier, quiet_trainer
+
+    trainer = quiet_trainer(device, steps, [clock.start, *middle, clock.end], precision="32-true")
+    trainer.fit(Classifier(net), loader)
     return clock.times
 
 

@@ -64,17 +64,7 @@ def lightning_steps(model_name, variants, batch, size, steps, rounds, device, am
         return None
     from torch.utils.data import DataLoader, TensorDataset
 
-    class Module(pl.LightningModule):
-        def __init__(self, net):
-            super().__init__()
-            self.net = net
-
-        def training_step(self, batch, _):
-            x, y = batch
-            return F.cross_entropy(self.net(x), y)
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    from benchmarks.lightning_parts import Classifier, quiet_trainer
 
     class Clock(pl.Callback):
         def __init__(self):
@@ -101,18 +91,8 @@ def lightning_steps(model_name, variants, batch, size, steps, rounds, device, am
         for v in times:
             clock = Clock()
             callbacks = [clock] + ([] if v == "plain" else [CoMHE(v, log_every=10**9)])
-            trainer = pl.Trainer(
-                max_steps=steps,
-                accelerator="gpu" if device.type == "cuda" else "cpu",
-                devices=1,
-                precision=precision,
-                logger=False,
-                enable_checkpointing=False,
-                enable_progress_bar=False,
-                enable_model_summary=False,
-                callbacks=callbacks,
-            )
-            trainer.fit(Module(net), DataLoader(data, batch_size=batch))
+            trainer = quiet_trainer(device, steps, callbacks, precision=precision)
+            trainer.fit(Classifier(net), DataLoader(data, batch_size=batch))
             times[v] += clock.times[1:]  # the first step of a fit builds the regularizer and warms up
     med = {v: statistics.median(t) for v, t in times.items()}
     return {"step_s": med, "ratio": {v: med[v] / med["plain"] for v in med}, "steps_per_fit": steps, "rounds": rounds}

@@ -18,6 +18,7 @@ from benchmarks.report_common import (
     profiles,
     provenance,
     rate_of,
+    result_block,
     same_run,
     strip_out,
     threads_label,
@@ -143,9 +144,7 @@ def render(results: Path, doc: Path) -> str:
         "Both thread counts are timed in one process, interleaved; a model whose naive port takes more than 10 s "
         "per call gets one timed round (the value check is a second call).\n"
     )
-    out.append(md(results, "kernel") + "\n")
-    out.append(provenance(res.get("kernel"), machine))
-    out.append(img("kernel", doc, results))
+    out += result_block(results, doc, res.get("kernel"), machine, "kernel")
     out.append(kernel_bound_note(res))
 
     out.append("## 2. Closeness to the GEMM floor\n")
@@ -160,9 +159,7 @@ def render(results: Path, doc: Path) -> str:
             f"projections' inner steps — at the plain fp32 matmul rate measured in the same rounds at the same "
             f"thread count ({lo:.0f}–{hi:.0f} GFLOP/s). Both thread counts run in one process, interleaved.\n"
         )
-    out.append(md(results, "floor") + "\n")
-    out.append(provenance(res.get("floor"), machine))
-    out.append(img("floor", doc, results))
+    out += result_block(results, doc, res.get("floor"), machine, "floor")
     out.append(thread_note(fl))
     out.extend(profiles(fl, lambda rec: f"{rec['ratio']:.2f}× its floor{threads_label(rec)}.** Profile of one step:"))
 
@@ -175,9 +172,7 @@ def render(results: Path, doc: Path) -> str:
             "“floor allows” is (plain step + floor time) / plain step; “added / floor” is the time the regularizer "
             "adds over its floor time (target ≤ 1.5×).\n"
         )
-    out.append(md(results, "overhead") + "\n")
-    out.append(provenance(res.get("overhead"), machine))
-    out.append(img("overhead", doc, results))
+    out += result_block(results, doc, res.get("overhead"), machine, "overhead")
     out.extend(
         profiles(ov, lambda rec: f"the regularizer adds {rec['added_vs_floor']:.2f}× its floor.** Profile of its step:")
     )
@@ -195,9 +190,7 @@ def render(results: Path, doc: Path) -> str:
             "step at 32×32. The penalty depends on the weights only, so it costs the same at 224×224, where the "
             "plain step is much longer.\n"
         )
-    out.append(md(results, "ladder") + "\n")
-    out.append(provenance(res.get("ladder"), machine))
-    out.append(img("ladder", doc, results))
+    out += result_block(results, doc, res.get("ladder"), machine, "ladder")
 
     out.append("## 5. Scale\n")
     out.append(
@@ -219,18 +212,14 @@ def render(results: Path, doc: Path) -> str:
         "Peak RSS of a few plain-PyTorch training steps (batch 64, 32×32) with each variant minus the same without "
         "the regularizer, each configuration in a fresh process (CUDA: max allocated memory).\n"
     )
-    out.append(md(results, "memory") + "\n")
-    out.append(provenance(res.get("memory"), machine))
-    out.append(img("memory", doc, results))
+    out += result_block(results, doc, res.get("memory"), machine, "memory")
 
     out.append("## 7. The optional `torch.compile` kernel\n")
     out.append(
         'The per-tile work compiled by TorchInductor (`backend="compiled"`, or `LIGHTNING_COMHE_COMPILE=1`) against '
         "the eager fused kernel, same run; the first compiled call includes compilation (cached on disk afterwards).\n"
     )
-    out.append(md(results, "compiled") + "\n")
-    out.append(provenance(res.get("compiled"), machine))
-    out.append(img("compiled", doc, results))
+    out += result_block(results, doc, res.get("compiled"), machine, "compiled")
     cp = load(results, "compiled")
     if cp:
         speedups = [r["speedup"] for r in cp["records"]]

@@ -108,3 +108,10 @@ def rate_of(rec: dict[str, Any]) -> float:
 def threads_label(rec: dict[str, Any]) -> str:
     t = rec.get("threads")
     return "" if t is None else f", {t} thread" + ("s" if t > 1 else "")
+
+
+def result_block(
+    results: Path, doc: Path, result: dict[str, Any] | None, machine: dict[str, Any], name: str
+) -> list[str]:
+    """A benchmark's table, its provenance line and its plot, as report lines."""
+    return [md(results, name) + "\n", provenance(result, machine), img(name, doc, results)]

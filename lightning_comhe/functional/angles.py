@@ -28,7 +28,7 @@ normalised first (``N × d`` passes instead of ``N × N``). Both are the same ex
 import torch
 from torch import Tensor
 
-from lightning_comhe.functional._checks import check_eps, check_neurons
+from lightning_comhe.functional._checks import check_eps, check_neurons, check_projection
 from lightning_comhe.functional._device import autocast_off
 from lightning_comhe.functional._dtype import compute_dtype
 from lightning_comhe.functional.projection import project_sets
@@ -84,22 +84,6 @@ def eps_cosine(neurons: Tensor, eps: float = 1e-4) -> Tensor:
         return _eps_cosine(neurons.to(compute_dtype(neurons)), float(eps))
 
 
-def _check_projection(neurons: Tensor, projection: Tensor) -> None:
-    if not isinstance(projection, Tensor) or not projection.is_floating_point():
-        raise TypeError(f"`projection` must be a floating-point torch.Tensor, got {type(projection).__name__}.")
-    d = neurons.shape[-1]
-    if projection.ndim not in (2, 3) or projection.shape[-1] != d or projection.shape[-2] < 1:
-        raise ValueError(
-            f"`projection` must have shape (k, d) or (G, k, d) with k >= 1 and d = {d} (the neuron dimension), "
-            f"got {tuple(projection.shape)}."
-        )
-    if projection.ndim == 3 and (neurons.ndim != 3 or projection.shape[0] != neurons.shape[0]):
-        raise ValueError(
-            "`projection` of shape (G, k, d) must come with `neurons` of shape (G, N, d) and the same G, got "
-            f"projection {tuple(projection.shape)} and neurons {tuple(neurons.shape)}."
-        )
-
-
 def _project(w: Tensor, p: Tensor) -> Tensor:
     """``W Pᵀ`` as ``(P Wᵀ)ᵀ`` (:func:`project_sets`, the faster orientation for small ``k``): ``(G, N, k)``, a view."""
     return project_sets(w, p).transpose(1, 2)
@@ -145,7 +129,7 @@ def angle_objective(neurons: Tensor, projection: Tensor, eps: float = 1e-4) -> T
     """
     check_neurons(neurons)
     check_eps(eps)
-    _check_projection(neurons, projection)
+    check_projection(neurons, projection, "projection", per_set="")
     dtype = compute_dtype(neurons)
     with autocast_off(neurons.device):
         w = neurons.to(dtype)

@@ -25,7 +25,7 @@ from typing import Literal
 
 from torch import Tensor
 
-from lightning_comhe.functional._checks import check_eps, check_finite, check_neurons
+from lightning_comhe.functional._checks import check_eps, check_finite, check_neurons, check_projection
 from lightning_comhe.functional._device import autocast_off
 from lightning_comhe.functional._dtype import compute_dtype
 from lightning_comhe.functional._power import OFFICIAL_POWERS, PowerLike, parse_power
@@ -189,19 +189,8 @@ def projected_energy(
         (torch.Size([]), True)
     """
     _check_neurons(neurons)
-    if not isinstance(projections, Tensor) or not projections.is_floating_point():
-        raise TypeError(f"`projections` must be a floating-point torch.Tensor, got {type(projections).__name__}.")
+    check_projection(neurons, projections, "projections", per_set="C")
     d = neurons.shape[-1]
-    if projections.ndim not in (3, 4) or projections.shape[-1] != d:
-        raise ValueError(
-            f"`projections` must have shape (C, k, d) or (G, C, k, d) with d = {d} (the neuron dimension), "
-            f"got {tuple(projections.shape)}."
-        )
-    if projections.ndim == 4 and (neurons.ndim != 3 or projections.shape[0] != neurons.shape[0]):
-        raise ValueError(
-            "`projections` of shape (G, C, k, d) must come with `neurons` of shape (G, N, d) and the same G, got "
-            f"projections {tuple(projections.shape)} and neurons {tuple(neurons.shape)}."
-        )
     if check_finite:
         _check_finite(neurons, "neurons")
         _check_finite(projections, "projections")
