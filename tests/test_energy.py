@@ -679,7 +679,7 @@ def test_messages_name_argument_bound_and_value():
         hyperspherical_energy(torch.full((4, 3), float("nan")))
     with pytest.raises(TypeError, match=r"^`projections` must be a floating-point torch.Tensor, got list\.$"):
         projected_energy(w, [1.0])
-    with pytest.raises(ValueError, match=r"^`projections` must have shape .* with k >= 1 and d = 3 .*, got \(2, 4\)\.$"):
+    with pytest.raises(ValueError, match=r"^`projections` must have shape .* k >= 1 and d = 3 .*, got \(2, 4\)\.$"):
         projected_energy(w, torch.randn(2, 4))
     with pytest.raises(ValueError, match=r"^`projections` of shape \(G, C, k, d\) must come with .*, got projections"):
         projected_energy(w, torch.randn(2, 3, 2, 3))
