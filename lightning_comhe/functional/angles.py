@@ -40,15 +40,22 @@ def _eps_cosine(v: Tensor, eps: float) -> Tensor:
     """Eps-cosine matrix of ``v`` (..., N, d), already in the compute dtype with autocast disabled.
 
     For ``d > N`` from the Gram ``v vᵀ`` scaled by ``r_i r_j`` (``r = (diag + eps)^{-1/2}``; the outer product is
-    formed first, so the result is exactly symmetric whenever the Gram is), else from the normalised rows.
+    formed first), else from the normalised rows. A BLAS GEMM need not give ``(i, j)`` and ``(j, i)`` the same
+    rounding (blocked kernels accumulate the two in different orders), so the Gram's upper triangle is mirrored:
+    the result is exactly symmetric on every CPU and GPU.
     """
     n, d = v.shape[-2], v.shape[-1]
     if d > n:
-        gram = v @ v.transpose(-1, -2)
+        gram = _symmetric(v @ v.transpose(-1, -2))
         r = (gram.diagonal(dim1=-2, dim2=-1) + eps).rsqrt()
         return gram * (r[..., :, None] * r[..., None, :])
     u = v / (v.pow(2).sum(-1, keepdim=True) + eps).sqrt()
-    return u @ u.transpose(-1, -2)
+    return _symmetric(u @ u.transpose(-1, -2))
+
+
+def _symmetric(gram: Tensor) -> Tensor:
+    """``gram`` with its strict lower triangle replaced by the mirrored upper one (exactly symmetric)."""
+    return gram.triu() + gram.triu(1).transpose(-1, -2)
 
 
 def eps_cosine(neurons: Tensor, eps: float = 1e-4) -> Tensor:
