@@ -69,7 +69,14 @@ def add_common_args(parser: Any) -> None:
     parser.add_argument("--accelerator", default="cpu", help="Lightning accelerator ('auto' on a GPU machine)")
 
 
-def resolve_setup(args: Any, module: str, argv: Sequence[str], default_seeds: Sequence[int]) -> Setup:
+def resolve_setup(
+    args: Any,
+    module: str,
+    argv: Sequence[str],
+    default_seeds: Sequence[int],
+    defaults: dict[str, Any] | None = None,
+    quick_defaults: dict[str, Any] | None = None,
+) -> Setup:
     """Turn parsed common arguments into a :class:`Setup` (defaults depend on the data and on ``--quick``).
 
     Args:
@@ -77,10 +84,14 @@ def resolve_setup(args: Any, module: str, argv: Sequence[str], default_seeds: Se
         module: The script's module, for the recorded command (``python -m <module> <argv>``).
         argv: The script's arguments, for the recorded command.
         default_seeds: The reported seeds when ``--seeds`` is absent (``--quick``: seed 0).
+        defaults: The script's own digits defaults (default :data:`DIGITS_DEFAULTS`; CIFAR keeps
+            :data:`CIFAR_DEFAULTS`).
+        quick_defaults: The script's own ``--quick`` overrides (default :data:`QUICK_DEFAULTS`).
     """
-    defaults = dict(CIFAR_DEFAULTS if args.cifar_root else DIGITS_DEFAULTS)
+    digits = DIGITS_DEFAULTS if defaults is None else defaults
+    defaults = dict(CIFAR_DEFAULTS if args.cifar_root else digits)
     if args.quick:
-        defaults.update(QUICK_DEFAULTS)
+        defaults.update(QUICK_DEFAULTS if quick_defaults is None else quick_defaults)
 
     def pick(name: str) -> Any:
         value = getattr(args, name, None)

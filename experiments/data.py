@@ -19,6 +19,9 @@ class DataSpec:
         batch_size: Training batch size.
         max_train_samples: Use only the first this many training samples (``None``: all).
         max_eval_samples: Evaluate on only the first this many validation / test samples (``None``: all).
+        per_class: Train on a stratified subset of this many images per class, drawn from the training split with
+            the run's seed (:func:`per_class_subset`; ``None``: the whole training split). The validation and test
+            splits stay whole.
     """
 
     kind: str = "digits"
@@ -27,6 +30,7 @@ class DataSpec:
     batch_size: int = 64
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
+    per_class: int | None = None
 
     @property
     def label(self) -> str:
@@ -51,6 +55,43 @@ def _head(dataset: Dataset, limit: int | None) -> Dataset:
     if limit is None or limit >= len(dataset):  # type: ignore[arg-type]
         return dataset
     return Subset(dataset, range(limit))
+
+
+def _labels(dataset: Dataset) -> list[int]:
+    return [int(dataset[i][1]) for i in range(len(dataset))]  # type: ignore[arg-type]
+
+
+def per_class_subset(dataset: Dataset, per_class: int, seed: int) -> Subset:
+    """A seeded, stratified subset: ``per_class`` images of every class, in a seeded order.
+
+    The same ``(dataset, per_class, seed)`` always gives the same subset, so runs that share a seed share their
+    training images (the rows of a low-data table are paired by subset). The subsets of two sizes with one seed are
+    nested (the first ``per_class`` of one seeded permutation per class).
+
+    Args:
+        dataset: The training split (items ``(x, label)``).
+        per_class: Images per class, ``>= 1``.
+        seed: Seed of the draw.
+
+    Raises:
+        ValueError: When ``per_class < 1`` or a class has fewer than ``per_class`` images.
+    """
+    import torch
+
+    if per_class < 1:
+        raise ValueError(f"`per_class` must be >= 1, got {per_class!r}.")
+    labels = torch.tensor(_labels(dataset))
+    gen = torch.Generator().manual_seed(seed)
+    chosen: list[int] = []
+    for label in sorted(set(labels.tolist())):
+        members = torch.nonzero(labels == label).flatten()
+        if len(members) < per_class:
+            raise ValueError(
+                f"`per_class` must be at most {len(members)} (the images of class {label}), got {per_class}."
+            )
+        chosen += members[torch.randperm(len(members), generator=gen)[:per_class]].tolist()
+    order = torch.randperm(len(chosen), generator=gen).tolist()
+    return Subset(dataset, [chosen[i] for i in order])
 
 
 def load_splits(spec: DataSpec) -> Splits:

@@ -135,6 +135,37 @@ def save_figure(fig: Any, path: Path) -> None:
     pyplot().close(fig)
 
 
+def publish_sweep(
+    setup: "Setup", stem: str, total: float, header: Iterable[str], rows: Iterable[Iterable[str]]
+) -> str:
+    """Write a sweep's summary (command, date, total time, machine, one row per script) and its doc block.
+
+    Args:
+        setup: The sweep's resolved command line.
+        stem: File stem under ``setup.out`` and name of the generated doc block.
+        total: Wall time of the sweep (seconds).
+        header: Column names of the per-script table.
+        rows: Its rows.
+
+    Returns:
+        The Markdown written.
+    """
+    env = environment()
+    cols = list(header)
+    table = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
+    table += "".join("| " + " | ".join(row) + " |\n" for row in rows)
+    text = (
+        f"Command: `{setup.command}`, {env['date']}, total {total / 60:.1f} min "
+        f"({setup.jobs} worker process(es) × {setup.threads} thread(s); {env['cpu']}, {env['cpu_count']} logical "
+        f"CPU(s); torch {env['torch']}, lightning {env['lightning']}, timm {env['timm']}).\n\n{table}"
+    )
+    write_text(setup.out / f"{stem}.md", text)
+    if setup.doc is not None:
+        update_doc_block(setup.doc, stem, text)
+    print(text)
+    return text
+
+
 def setup_markdown(setup: "Setup") -> str:
     """The data set and training budget, as one Markdown sentence."""
     d, t = setup.data, setup.train
@@ -155,6 +186,7 @@ def publish(
     text: str,
     seconds: float,
     alt: str,
+    describe: str | None = None,
 ) -> None:
     """Write ``<stem>.{json,png,md}`` under ``setup.out``, refresh the ``docs/results.md`` block, print ``text``.
 
@@ -167,6 +199,7 @@ def publish(
         text: The Markdown tables.
         seconds: Wall time of the script.
         alt: Alt text of the figure.
+        describe: The data and training sentence (default :func:`setup_markdown`).
     """
     write_json(setup.out / f"{stem}.json", results)
     png = setup.out / f"{stem}.png"
@@ -174,7 +207,7 @@ def publish(
     env = environment_markdown(results["environment"], setup.command, seconds, setup.threads, setup.jobs)
 
     def body(link: str) -> str:
-        return f"{setup_markdown(setup)} {intro}\n\n{text}\n![{alt}]({link})\n\n{env}\n"
+        return f"{describe or setup_markdown(setup)} {intro}\n\n{text}\n![{alt}]({link})\n\n{env}\n"
 
     write_text(setup.out / f"{stem}.md", body(png.name))
     if setup.doc is not None:

@@ -17,7 +17,7 @@ from typing import Any
 from experiments import ablation, accuracy, energy_figure, projection_guarantee
 from experiments.cli import experiment_parser, resolve_setup
 from experiments.models import ARCHS
-from experiments.publishing import environment, update_doc_block, write_text
+from experiments.publishing import publish_sweep
 
 
 def _without(argv: Sequence[str], option: str) -> list[str]:
@@ -58,18 +58,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         results[name] = fn(script_argv)
         timings[name] = time.perf_counter() - t0
     total = time.perf_counter() - start
-    env = environment()
-    lines = "\n".join(f"| `experiments.{name}` | {sec / 60:.1f} |" for name, sec in timings.items())
-    text = (
-        f"Command: `{setup.command}`, {env['date']}, total {total / 60:.1f} min "
-        f"({setup.jobs} worker process(es) × {setup.threads} thread(s); {env['cpu']}, {env['cpu_count']} logical "
-        f"CPU(s); torch {env['torch']}, lightning {env['lightning']}, timm {env['timm']}).\n\n"
-        f"| script | minutes |\n|---|---|\n{lines}\n"
-    )
-    write_text(setup.out / "run_all.md", text)
-    if setup.doc is not None:
-        update_doc_block(setup.doc, "run_all", text)
-    print(text)
+    rows = [(f"`experiments.{name}`", f"{sec / 60:.1f}") for name, sec in timings.items()]
+    publish_sweep(setup, "run_all", total, ("script", "minutes"), rows)
     return results
 
 

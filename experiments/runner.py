@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from experiments.data import DataSpec, load_splits
+from experiments.data import DataSpec, load_splits, per_class_subset
 from experiments.measures import evaluate, layer_energies, time_penalty
 from experiments.models import build_model
 
@@ -58,11 +58,13 @@ class TrainSpec:
     """The training budget, identical for every row of a table.
 
     Attributes:
-        epochs: Training epochs.
+        epochs: Training epochs (ignored when ``steps`` is set).
         lr: Initial SGD learning rate (cosine decay to 0 over the run, stepped every optimizer step).
         momentum: SGD momentum.
         weight_decay: SGD weight decay on every parameter (BN included, as the official code).
         width: Base width of the models.
+        steps: Train for exactly this many optimizer steps instead of ``epochs`` (as many passes over the data as
+            that takes; the cosine decay spans the steps). Low-data runs use it, so every size gets the same budget.
     """
 
     epochs: int = 15
@@ -70,6 +72,7 @@ class TrainSpec:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     width: int = 16
+    steps: int | None = None
 
 
 @dataclass(frozen=True)
@@ -262,8 +265,10 @@ def run(spec: RunSpec) -> dict[str, Any]:
     comhe = CoMHE(**kwargs) if kwargs is not None else None
     if comhe is not None:
         callbacks.append(comhe)
+    per_class = spec.data.per_class
+    train_set = splits.train if per_class is None else per_class_subset(splits.train, per_class, spec.seed)
     loader = DataLoader(
-        splits.train,
+        train_set,
         batch_size=spec.data.batch_size,
         shuffle=True,
         generator=torch.Generator().manual_seed(spec.seed),
@@ -272,7 +277,8 @@ def run(spec: RunSpec) -> dict[str, Any]:
     trainer = Trainer(
         accelerator=spec.accelerator,
         devices=1,
-        max_epochs=spec.train.epochs,
+        max_epochs=spec.train.epochs if spec.train.steps is None else -1,
+        max_steps=-1 if spec.train.steps is None else spec.train.steps,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -329,6 +335,31 @@ def run_many(
             if progress:
                 progress(i + 1, len(specs), record)
     return results
+
+
+def run_cached(
+    specs: Sequence[RunSpec],
+    cache: dict[RunSpec, dict[str, Any]],
+    jobs: int = 1,
+    progress: Callable[[int, int, dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """:func:`run_many` through a cache: a spec already in ``cache`` (or twice in ``specs``) is trained once.
+
+    The experiments of one sweep share their identical runs this way (a run is fully described by its spec).
+
+    Args:
+        specs: The runs.
+        cache: ``{spec: record}``, filled with the new runs.
+        jobs: Worker processes.
+        progress: As in :func:`run_many` (called for the new runs only).
+
+    Returns:
+        The record of each spec, in the order of ``specs``.
+    """
+    missing = list(dict.fromkeys(spec for spec in specs if spec not in cache))
+    for spec, record in zip(missing, run_many(missing, jobs, progress), strict=True):
+        cache[spec] = record
+    return [cache[spec] for spec in specs]
 
 
 def print_progress(done: int, total: int, record: dict[str, Any]) -> None:
