@@ -59,6 +59,7 @@ def _config(
 
 
 SHARDED = ("random", "angle", "adversarial")
+RESHARDED = ("random", "angle")  # resumed into one process: the RNG entries, the learned projections
 DDP_CONFIGS = [
     _config("mhe", "mhe"),
     _config("half_mhe", "half_mhe"),
@@ -73,6 +74,11 @@ DDP_CONFIGS = [
     *({**_config(f"{v}_unsharded", v), "comhe": {**_config(v, v)["comhe"], "shard": False}} for v in SHARDED),
     # a DDP checkpoint after step 2 (of 4), resumed into fresh objects, sharded
     *({**_config(f"{v}_resume", v), "resume_at": 2} for v in SHARDED),
+    # the same checkpoint of an unsharded run: the reference of a resume into another world size
+    *(
+        {**_config(f"{v}_unsharded_resume", v), "comhe": {**_config(v, v)["comhe"], "shard": False}, "resume_at": 2}
+        for v in RESHARDED
+    ),
 ]
 MULTINODE_CONFIGS = [
     _config("random", "random"),
@@ -227,6 +233,58 @@ def test_ddp_sharded_checkpoint_resumes_bit_exactly(variant: str, ddp_results: d
         for k, v in rank_result["weights"].items():
             assert torch.equal(resumed["weights"][k], v), f"{variant}: {k} differs after resuming"
         assert_nested_equal(resumed["callback_state"], rank_result["callback_state"])
+
+
+def _continue_in_one_process(checkpoint: str, comhe: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Resume a 2-rank checkpoint with one process (world size 1) and train to step 4."""
+    from lightning.pytorch import Trainer
+    from torch.utils.data import DataLoader
+
+    from lightning_comhe import CoMHE
+
+    model, callback = TinyMLP(momentum=0.9, seed=123).double(), CoMHE(**comhe)
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=1,
+        precision="64-true",
+        max_steps=4,
+        callbacks=[callback],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    loader = DataLoader(make_dataset(num_batches=5, batch_size=3), batch_size=4, shuffle=False)
+    trainer.fit(model, loader, ckpt_path=checkpoint)
+    assert trainer.global_step == 4
+    return {k: v.detach().clone() for k, v in model.named_parameters()}, callback.state_dict()
+
+
+@pytest.mark.parametrize("variant", RESHARDED)
+def test_ddp_sharded_checkpoint_resumes_into_another_world_size(variant: str, ddp_results: dict) -> None:
+    """A checkpoint of a 2-rank sharded run holds the whole state: one process resumes it as an unsharded one's."""
+    sharded_ckpt = ddp_results[f"{variant}_resume"][0]["checkpoint"]
+    unsharded_ckpt = ddp_results[f"{variant}_unsharded_resume"][0]["checkpoint"]
+    states = [torch.load(c, weights_only=False)["callbacks"] for c in (sharded_ckpt, unsharded_ckpt)]
+    assert states[0].keys() == states[1].keys()
+    for key in states[0]:
+        assert _flat_keys(states[0][key]) == _flat_keys(states[1][key])  # every group's projections and RNG entries
+    comhe = {**COMHE[variant], "seed": 7}
+    weights, state = _continue_in_one_process(sharded_ckpt, comhe)
+    ref_weights, ref_state = _continue_in_one_process(unsharded_ckpt, {**comhe, "shard": False})
+    for k, v in ref_weights.items():
+        torch.testing.assert_close(weights[k], v, atol=1e-12, rtol=1e-10, msg=lambda m, k=k: f"{k}: {m}")
+    assert _flat_keys(state) == _flat_keys(ref_state)
+    # and the resumed run really continued: its weights moved away from the checkpoint's
+    ckpt_weights = torch.load(sharded_ckpt, weights_only=False)["state_dict"]
+    assert max((weights[k] - ckpt_weights[k]).abs().max().item() for k in weights) > 1e-4
+
+
+def _flat_keys(state: Any, prefix: str = "") -> set[str]:
+    if isinstance(state, dict):
+        return set().union(*(_flat_keys(v, f"{prefix}/{k}") for k, v in state.items())) if state else {prefix}
+    return {prefix}
 
 
 @pytest.mark.parametrize("config", MULTINODE_CONFIGS, ids=[c["name"] for c in MULTINODE_CONFIGS])

@@ -165,6 +165,7 @@ def run(mode: str, config: dict[str, Any], out: Path) -> None:
         "engine_steps": getattr(trainer.strategy.model, "global_steps", None),
         "shard": callback._shard,
         "resumed": resumed,
+        "checkpoint": str(ckpt_dir / f"step={resume_at}.ckpt") if resume_at else None,
     }
     torch.save(result, out / f"{config['name']}_rank{trainer.global_rank}.pt")
 
