@@ -26,6 +26,7 @@ from typing import NamedTuple
 from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 
+from lightning_comhe import _gathered
 from lightning_comhe._parametrized import weight_direction
 
 try:  # DTensor is public since torch 2.4 but absent from builds without distributed support.
@@ -145,9 +146,14 @@ def prod(values: Sequence[int]) -> int:
 
 
 def full(t: Tensor) -> Tensor:
-    """Gather an FSDP2 ``DTensor`` into a plain tensor (differentiable, collective); return other tensors as is."""
+    """Gather an FSDP2 ``DTensor`` into a plain tensor (differentiable, collective); return other tensors as is.
+
+    Inside :func:`lightning_comhe._gathered.gathered` (a penalty split across FSDP2 ranks) each ``DTensor`` is
+    gathered once, as a local leaf of that context.
+    """
     if _DTensor is not None and isinstance(t, _DTensor):
-        return t.full_tensor()
+        weights = _gathered.active()
+        return t.full_tensor() if weights is None else weights.full(t)
     return t
 
 

@@ -80,7 +80,24 @@ class GradientInjection:
             grads = [None] * len(params)
         if materialize:
             grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
-        self._pending = {id(p): (p, g) for p, g in zip(params, grads, strict=True) if g is not None}
+        self.arm_gradients(loss, [(p, g) for p, g in zip(params, grads, strict=True) if g is not None])
+
+    def arm_gradients(self, loss: Tensor, gradients: Sequence[tuple[Tensor, Tensor]]) -> None:
+        """Deliver already computed ``(parameter, gradient)`` pairs during ``loss``'s coming backward pass.
+
+        :meth:`arm` computes the pairs itself; a penalty split across FSDP2 ranks brings its reduce-scattered ones
+        (:class:`lightning_comhe._gathered.GatheredWeights`).
+
+        Raises:
+            ValueError: If ``loss`` does not require grad.
+        """
+        self.cancel()
+        if not loss.requires_grad:
+            raise ValueError(
+                "`loss` must require grad to carry the CoMHE penalty into its backward pass, got a tensor with "
+                "requires_grad=False."
+            )
+        self._pending = {id(p): (p, g) for p, g in gradients}
         self._handles.append(loss.register_hook(self._record_scale))
         for p, g in self._pending.values():
             self._handles.append(p.register_hook(self._adder(p, g)))

@@ -1,16 +1,22 @@
 """What the callback needs to know about Lightning's strategies: the step counter, what is refused, the shard."""
 
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, NamedTuple
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 
+from lightning_comhe._gathered import GatheredWeights, gathered, mesh_covers_world
+
 __all__ = [
+    "PenaltyShard",
     "all_reduce_sum",
     "batch_index",
     "check_strategy",
+    "gathering",
     "merge_owned_entries",
     "optimizer_step_index",
     "penalty_shard",
@@ -67,22 +73,58 @@ def check_strategy(strategy: Any) -> None:
             )
 
 
-def penalty_shard(trainer: "pl.Trainer", shard: bool, shardable: bool) -> tuple[int, int] | None:
-    """``(rank, world size)`` when this step's penalty is split across ranks (``CoMHE(shard=True)``), else ``None``.
+class PenaltyShard(NamedTuple):
+    """This rank's part of a penalty split across ranks.
 
-    Only under DDP (one or several nodes; not its DeepSpeed subclass), where the strategy's gradient all-reduce
-    averages the ranks' ``W ∇R_r`` into ``∇R``. FSDP2 gathers every weight on every rank and DeepSpeed owns its
-    gradient buffers: there (and for families that keep per-group state on every rank) each rank computes the
-    whole penalty.
+    Attributes:
+        rank: The rank.
+        world: The world size ``W``.
+        scatter: FSDP2: each share's gradient is reduce-scattered into the weights' shards and added after FSDP2's
+            own reduce-scatter (:mod:`lightning_comhe._gathered`). DDP (``False``): each rank adds ``∇(W·R_r)``
+            before DDP's all-reduce, which averages.
+    """
+
+    rank: int
+    world: int
+    scatter: bool
+
+
+def penalty_shard(
+    trainer: "pl.Trainer", shard: bool, shardable: bool, params: Sequence[Tensor]
+) -> PenaltyShard | None:
+    """This rank's :class:`PenaltyShard` when this step's penalty is split across ranks (``CoMHE(shard=True)``).
+
+    ``None`` (every rank computes the whole penalty) in one process, for families that keep per-group state on
+    every rank, under DeepSpeed (it owns its gradient buffers), and under ``ModelParallelStrategy`` unless every
+    weight read is an FSDP2 ``DTensor`` on a mesh of all ranks (tensor-parallel or plain weights: not split).
     """
     if not shard or trainer.world_size < 2 or not shardable:
         return None
-    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, ModelParallelStrategy
 
     strategy = trainer.strategy
+    if isinstance(strategy, ModelParallelStrategy):
+        if not mesh_covers_world(params, trainer.world_size):
+            return None
+        return PenaltyShard(trainer.global_rank, trainer.world_size, True)
     if not isinstance(strategy, DDPStrategy) or isinstance(strategy, DeepSpeedStrategy):
         return None
-    return trainer.global_rank, trainer.world_size
+    return PenaltyShard(trainer.global_rank, trainer.world_size, False)
+
+
+@contextmanager
+def gathering(shard: PenaltyShard | None, read_all: Callable[[], object]) -> Iterator[GatheredWeights | None]:
+    """The context of one penalized step: under a scattered (FSDP2) shard, the weights are gathered as local leaves.
+
+    ``read_all`` reads every group's neurons, so that every rank issues the same all-gathers in the same order;
+    ``None`` is yielded (and nothing gathered) otherwise.
+    """
+    if shard is None or not shard.scatter:
+        yield None
+        return
+    with gathered() as weights:
+        read_all()
+        yield weights
 
 
 def all_reduce_sum(t: Tensor) -> Tensor:

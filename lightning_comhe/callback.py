@@ -23,6 +23,7 @@ from lightning_comhe._strategy import (
     all_reduce_sum,
     batch_index,
     check_strategy,
+    gathering,
     merge_owned_entries,
     optimizer_step_index,
     penalty_shard,
@@ -89,8 +90,8 @@ class CoMHE(Callback):
         every_n_steps: Lazy regularization: the penalty (×m) only on every m-th optimizer step (``docs/math.md``).
         log_every: Log the per-layer energies every this many penalized optimizer steps.
         name: Instance name: log prefix ``comhe/<name>/`` and checkpoint key (one per instance when several run).
-        shard: Under DDP, split the penalty across ranks (each computes a balanced share, about ``1/W``); no effect
-            in one process, under FSDP2 / DeepSpeed, or for the peers (``docs/strategies/ddp.md``).
+        shard: Under DDP and FSDP2, split the penalty across ranks (each computes a balanced share, about ``1/W``);
+            no effect in one process, under DeepSpeed, or for the peers (``docs/strategies/ddp.md``).
 
     The fields and their validation live in :mod:`lightning_comhe.config` (``EnergyConfig``, ``SelectionConfig``,
     ``ScheduleConfig``); this signature mirrors them for LightningCLI, and a test keeps the two in sync.
@@ -310,28 +311,32 @@ class CoMHE(Callback):
         step, timing = optimizer_step_index(trainer), self._timing
         if not timing.due(step):
             return  # lazy regularization: nothing is computed or added on this step
-        self._shard = penalty_shard(trainer, self.shard, regularizer.family.shardable)
-        if self._shard is None and self.shard and trainer.world_size > 1 and not self._said_unsharded:
+        refresh = timing.needs_refresh(step)
+        if refresh and regularizer.sync():  # requires_grad or the module tree changed (fine-tuning, a new head)
+            rank_zero_info(f"{'' if self.name is None else f'[{self.name}] '}{regularizer.summary()}")
+        self._shard = shard = penalty_shard(trainer, self.shard, regularizer.family.shardable, regularizer.parameters())
+        if shard is None and self.shard and trainer.world_size > 1 and not self._said_unsharded:
             self._said_unsharded = True
             rank_zero_info(
                 f"CoMHE(shard=True) has no effect under {type(trainer.strategy).__name__} with variant "
                 f"{self.variant!r}: every rank computes the whole penalty (docs/strategies/ddp.md)."
             )
-        if timing.needs_refresh(step):
-            if regularizer.sync():  # requires_grad or the module tree changed (fine-tuning schedules, a new head)
-                rank_zero_info(f"{'' if self.name is None else f'[{self.name}] '}{regularizer.summary()}")
-            regularizer.refresh(self._current_lr(trainer, regularizer), self._share(regularizer))
-        if not timing.penalize(step, batch_index(trainer)):
-            return  # a later micro-batch (or `manual_backward`) of the step: its first backward has the penalty
-        share = self._share(regularizer)
-        out = regularizer.compute(share)
-        penalty = out.penalty
-        factor = timing.factor * (1 if self._shard is None else self._shard[1])  # lazy ×m; a share R_r counts ×W
-        added = penalty * factor if factor > 1 else penalty
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
-        if scaler is not None:
-            added = scaler.scale(added)
-        self._injection.arm(loss, added, regularizer.parameters(), materialize=self._shard is not None)
+        with gathering(shard, lambda: [regularizer.group_neurons(g) for g in regularizer.groups]) as weights:
+            if refresh:
+                regularizer.refresh(self._current_lr(trainer, regularizer), self._share(regularizer))
+            if not timing.penalize(step, batch_index(trainer)):
+                return  # a later micro-batch (or `manual_backward`) of the step: its first backward has the penalty
+            out = regularizer.compute(self._share(regularizer))
+            # lazy ×m; under DDP a share R_r counts ×W (DDP averages); FSDP2 sums the shares' gradients instead
+            factor = timing.factor * (shard.world if shard is not None and not shard.scatter else 1)
+            added = out.penalty * factor if factor > 1 else out.penalty
+            scaler = getattr(trainer.precision_plugin, "scaler", None)
+            if scaler is not None:
+                added = scaler.scale(added)
+            if weights is not None:
+                self._injection.arm_gradients(loss, weights.shard_gradients(added))
+            else:
+                self._injection.arm(loss, added, regularizer.parameters(), materialize=shard is not None)
         self._log(pl_module, regularizer, out, log_energies=(step // timing.factor) % self.log_every == 0)
 
     def _share(self, regularizer: CoMHERegularizer) -> Any:
@@ -349,8 +354,10 @@ class CoMHE(Callback):
     @override
     def on_after_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self._injection.armed:
-            world = None if self._shard is None else self._shard[1]
-            # gradients no hook delivered come after DDP's all-reduce: a sharded penalty reduces them itself
+            shard = self._shard
+            # gradients no hook delivered come after DDP's all-reduce: a sharded penalty reduces them itself (under
+            # FSDP2 the shares' gradients are already reduce-scattered)
+            world = None if shard is None or shard.scatter else shard.world
             self._injection.finish(None if world is None else lambda g: all_reduce_sum(g) / world)
 
     @override

@@ -84,10 +84,14 @@ MULTINODE_CONFIGS = [
     _config("random", "random"),
     _config("adversarial_acc2", "adversarial", accumulate=2, batch_size=3, max_steps=4),
 ]
+FSDP2_SHARDED = ("random", "angle")
 FSDP2_CONFIGS = [
     _config("mhe", "mhe"),
     _config("random", "random"),
+    _config("angle", "angle"),
     _config("adversarial_acc2", "adversarial", accumulate=2, batch_size=3, max_steps=4),
+    # the penalty split across the ranks (the default) against every rank computing it all
+    *({**_config(f"{v}_unsharded", v), "comhe": {**_config(v, v)["comhe"], "shard": False}} for v in FSDP2_SHARDED),
 ]
 
 
@@ -217,7 +221,8 @@ def test_ddp_matches_data_parallel_reference(config: dict, ddp_results: dict) ->
 def test_ddp_sharded_penalty_equals_the_unsharded_one(variant: str, ddp_results: dict) -> None:
     """``shard=True`` (each rank a share, ×W) gives the weights of ``shard=False`` (every rank everything)."""
     sharded, unsharded = ddp_results[variant], ddp_results[f"{variant}_unsharded"]
-    assert [r["shard"] for r in sharded] == [(0, 2), (1, 2)] and all(r["shard"] is None for r in unsharded)
+    assert [r["shard"] for r in sharded] == [(0, 2, False), (1, 2, False)]
+    assert all(r["shard"] is None for r in unsharded)
     for k, v in unsharded[0]["weights"].items():
         torch.testing.assert_close(sharded[0]["weights"][k], v, atol=1e-12, rtol=1e-10)
         assert torch.equal(sharded[0]["weights"][k], sharded[1]["weights"][k])  # ranks bit-identical
@@ -300,6 +305,19 @@ def test_fsdp2_matches_data_parallel_reference(config: dict, fsdp2_results: dict
     results = fsdp2_results[config["name"]]
     assert all(r["sharded"] for r in results)  # the weights really were DTensors during training
     _check(results, config)
+
+
+@pytest.mark.parametrize("variant", FSDP2_SHARDED)
+def test_fsdp2_sharded_penalty_equals_the_unsharded_one(variant: str, fsdp2_results: dict) -> None:
+    """Under FSDP2 each rank computes a share on the gathered weights; the shares' gradients are reduce-scattered."""
+    sharded, unsharded = fsdp2_results[variant], fsdp2_results[f"{variant}_unsharded"]
+    assert [r["shard"] for r in sharded] == [(0, 2, True), (1, 2, True)]
+    assert all(r["shard"] is None for r in unsharded)
+    for k, v in unsharded[0]["weights"].items():
+        torch.testing.assert_close(sharded[0]["weights"][k], v, atol=1e-12, rtol=1e-10)
+        assert torch.equal(sharded[0]["weights"][k], sharded[1]["weights"][k])  # the gathered weights agree
+    torch.testing.assert_close(sharded[0]["penalty"], unsharded[0]["penalty"], atol=1e-12, rtol=1e-10)
+    assert_nested_equal(sharded[0]["callback_state"], sharded[1]["callback_state"])  # the whole state, every rank
 
 
 @pytest.fixture(scope="module")

@@ -163,7 +163,7 @@ def run(mode: str, config: dict[str, Any], out: Path) -> None:
         "engine": type(trainer.strategy.model).__name__,
         "zero_stage": trainer.strategy.config["zero_optimization"]["stage"] if mode == "deepspeed" else None,
         "engine_steps": getattr(trainer.strategy.model, "global_steps", None),
-        "shard": callback._shard,
+        "shard": None if callback._shard is None else tuple(callback._shard),
         "resumed": resumed,
         "checkpoint": str(ckpt_dir / f"step={resume_at}.ckpt") if resume_at else None,
     }
