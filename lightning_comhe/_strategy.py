@@ -94,20 +94,22 @@ def penalty_shard(
 ) -> PenaltyShard | None:
     """This rank's :class:`PenaltyShard` when this step's penalty is split across ranks (``CoMHE(shard=True)``).
 
-    ``None`` (every rank computes the whole penalty) in one process, for families that keep per-group state on
-    every rank, under DeepSpeed (it owns its gradient buffers), and under ``ModelParallelStrategy`` unless every
-    weight read is an FSDP2 ``DTensor`` on a mesh of all ranks (tensor-parallel or plain weights: not split).
+    DDP and DeepSpeed ZeRO-1/2 (a ``DDPStrategy``): the gradient hooks add ``∇(W·R_r)`` before the strategy
+    averages the gradients over the ranks (DDP's reducer, ZeRO's reduction hooks). ``None`` (every rank computes
+    the whole penalty) in one process, for families that keep per-group state on every rank, and under
+    ``ModelParallelStrategy`` unless every weight read is an FSDP2 ``DTensor`` on a mesh of all ranks
+    (tensor-parallel or plain weights: not split).
     """
     if not shard or trainer.world_size < 2 or not shardable:
         return None
-    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, ModelParallelStrategy
+    from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 
     strategy = trainer.strategy
     if isinstance(strategy, ModelParallelStrategy):
         if not mesh_covers_world(params, trainer.world_size):
             return None
         return PenaltyShard(trainer.global_rank, trainer.world_size, True)
-    if not isinstance(strategy, DDPStrategy) or isinstance(strategy, DeepSpeedStrategy):
+    if not isinstance(strategy, DDPStrategy):
         return None
     return PenaltyShard(trainer.global_rank, trainer.world_size, False)
 

@@ -90,8 +90,8 @@ class CoMHE(Callback):
         every_n_steps: Lazy regularization: the penalty (×m) only on every m-th optimizer step (``docs/math.md``).
         log_every: Log the per-layer energies every this many penalized optimizer steps.
         name: Instance name: log prefix ``comhe/<name>/`` and checkpoint key (one per instance when several run).
-        shard: Under DDP and FSDP2, split the penalty across ranks (each computes a balanced share, about ``1/W``);
-            no effect in one process, under DeepSpeed, or for the peers (``docs/strategies/ddp.md``).
+        shard: Under DDP, DeepSpeed ZeRO-1/2 and FSDP2, split the penalty across ranks (each computes a balanced
+            share, about ``1/W``); no effect in one process or for the peers (``docs/strategies/ddp.md``).
 
     The fields and their validation live in :mod:`lightning_comhe.config` (``EnergyConfig``, ``SelectionConfig``,
     ``ScheduleConfig``); this signature mirrors them for LightningCLI, and a test keeps the two in sync.

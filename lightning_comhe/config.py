@@ -325,12 +325,13 @@ class ScheduleConfig:
             step under DeepSpeed accumulation; under manual optimization it counts every optimizer's ``step()``).
         log_every: Log the per-layer energies every this many penalized optimizer steps (``>= 1``).
         name: Instance name (log prefix ``comhe/<name>/`` and checkpoint key), or ``None``.
-        shard: Under DDP (one or several nodes) and FSDP2, split the penalty across the ranks
+        shard: Under DDP (one or several nodes), DeepSpeed ZeRO-1/2 and FSDP2, split the penalty across the ranks
             (:mod:`lightning_comhe.sharding`): each computes a balanced share, so each rank does about ``1/W`` of the
-            work. DDP's gradient all-reduce sums the shares; under FSDP2 their gradients are reduce-scattered into
-            the weights' shards (:mod:`lightning_comhe._gathered`). No effect in a single process, and none (every
-            rank computes everything, said once in the log) under DeepSpeed, for the peer variants, or under
-            ``ModelParallelStrategy`` with weights that are not FSDP2 ``DTensor``\ s on a mesh of all ranks.
+            work. DDP's (DeepSpeed's) gradient averaging sums the shares; under FSDP2 their gradients are
+            reduce-scattered into the weights' shards (:mod:`lightning_comhe._gathered`). No effect in a single
+            process, and none (every rank computes everything, said once in the log) for the peer variants, or
+            under ``ModelParallelStrategy`` with weights that are not FSDP2 ``DTensor`` shards on a mesh of all
+            ranks.
 
     Raises:
         ValueError: Naming the argument, what is allowed and the value received.

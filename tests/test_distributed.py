@@ -336,6 +336,7 @@ def test_deepspeed_zero12_matches_reference(config: dict, deepspeed_results: dic
     """
     results = deepspeed_results[config["name"]]
     assert all(r["engine"] == "DeepSpeedEngine" and r["zero_stage"] == config["stage"] for r in results)
+    assert [r["shard"] for r in results] == [(0, 2, False), (1, 2, False)]  # the penalty split across the ranks
     tol = {"dtype": torch.float32, "atol": 1e-5, "rtol": 1e-4}
     if config["accumulate"] == 1:
         _check(results, config, **tol)
