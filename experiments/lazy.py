@@ -26,7 +26,7 @@ from typing import Any
 from experiments import scarce
 from experiments.cli import experiment_parser
 from experiments.noise import curve_stats, run_rows
-from experiments.publishing import environment, mean_std, publish, pyplot, save_figure
+from experiments.publishing import environment, mean_std, pyplot, save_figure
 from experiments.runner import RunSpec
 from experiments.stats import holm, paired
 
@@ -138,17 +138,9 @@ def main(argv: Sequence[str] | None = None, cache: dict[RunSpec, dict[str, Any]]
         "runs": runs,
         "setup": {"data": asdict(setup.data), "train": asdict(setup.train), "jobs": setup.jobs},
     }
-    publish(
-        setup,
-        "lazy_digits",
-        results,
-        plot,
-        "Default κ (hidden 1, classifier 10); energies recorded after every step.",
-        tables(results),
-        seconds,
-        "lazy regularization energy curves",
-        describe=scarce.describe(setup, {str(size): steps}),
-    )
+    intro = "Default κ (hidden 1, classifier 10); energies recorded after every step."
+    alt = "lazy regularization energy curves"
+    scarce.publish_study(setup, "lazy_digits", results, plot, intro, tables(results), alt)
     return results
 
 

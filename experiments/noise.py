@@ -26,7 +26,7 @@ import torch
 
 from experiments import scarce
 from experiments.cli import experiment_parser
-from experiments.publishing import environment, mean_std, publish, pyplot, save_figure
+from experiments.publishing import environment, mean_std, pyplot, save_figure
 from experiments.runner import RunSpec, print_progress, run_cached
 from experiments.stats import holm, paired
 
@@ -170,17 +170,8 @@ def main(argv: Sequence[str] | None = None, cache: dict[RunSpec, dict[str, Any]]
         "setup": {"data": asdict(setup.data), "train": asdict(setup.train), "jobs": setup.jobs},
     }
     intro = "Default κ for every row (hidden 1, classifier 10), k = 40; energies recorded after every step."
-    publish(
-        setup,
-        "noise_digits",
-        results,
-        plot,
-        intro,
-        tables(results),
-        seconds,
-        "energy curves and normalized kernels",
-        describe=scarce.describe(setup, {str(size): steps}),
-    )
+    alt = "energy curves and normalized kernels"
+    scarce.publish_study(setup, "noise_digits", results, plot, intro, tables(results), alt)
     return results
 
 

@@ -131,6 +131,16 @@ def describe(setup: Setup, steps: dict[str, int]) -> str:
     )
 
 
+def publish_study(
+    setup: Setup, stem: str, results: dict[str, Any], plot: Any, intro: str, text: str, alt: str
+) -> None:
+    """:func:`~experiments.publishing.publish` for a one-size study (``results`` has its size, steps, seconds)."""
+    from experiments.publishing import publish
+
+    describe_text = describe(setup, {str(results["size"]): results["steps"]})
+    publish(setup, stem, results, plot, intro, text, results["seconds"], alt, describe=describe_text)
+
+
 def mean_curve(record: dict[str, Any], key: str = "energy") -> tuple[list[int], list[float]]:
     """The mean over layers of a run's recorded energy (``"energy"`` or ``"energy_half"``): steps and values."""
     layers = list(record[key].values())

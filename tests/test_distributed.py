@@ -220,8 +220,12 @@ def test_ddp_matches_data_parallel_reference(config: dict, ddp_results: dict) ->
 @pytest.mark.parametrize("variant", SHARDED)
 def test_ddp_sharded_penalty_equals_the_unsharded_one(variant: str, ddp_results: dict) -> None:
     """``shard=True`` (each rank a share, ×W) gives the weights of ``shard=False`` (every rank everything)."""
-    sharded, unsharded = ddp_results[variant], ddp_results[f"{variant}_unsharded"]
-    assert [r["shard"] for r in sharded] == [(0, 2, False), (1, 2, False)]
+    _assert_split_equals_unsplit(ddp_results[variant], ddp_results[f"{variant}_unsharded"], scatter=False)
+
+
+def _assert_split_equals_unsplit(sharded: list[dict], unsharded: list[dict], scatter: bool) -> None:
+    """The split runs (``shard=True``) end with the weights and penalty of the unsplit ones, ranks identical."""
+    assert [r["shard"] for r in sharded] == [(0, 2, scatter), (1, 2, scatter)]
     assert all(r["shard"] is None for r in unsharded)
     for k, v in unsharded[0]["weights"].items():
         torch.testing.assert_close(sharded[0]["weights"][k], v, atol=1e-12, rtol=1e-10)
@@ -310,14 +314,7 @@ def test_fsdp2_matches_data_parallel_reference(config: dict, fsdp2_results: dict
 @pytest.mark.parametrize("variant", FSDP2_SHARDED)
 def test_fsdp2_sharded_penalty_equals_the_unsharded_one(variant: str, fsdp2_results: dict) -> None:
     """Under FSDP2 each rank computes a share on the gathered weights; the shares' gradients are reduce-scattered."""
-    sharded, unsharded = fsdp2_results[variant], fsdp2_results[f"{variant}_unsharded"]
-    assert [r["shard"] for r in sharded] == [(0, 2, True), (1, 2, True)]
-    assert all(r["shard"] is None for r in unsharded)
-    for k, v in unsharded[0]["weights"].items():
-        torch.testing.assert_close(sharded[0]["weights"][k], v, atol=1e-12, rtol=1e-10)
-        assert torch.equal(sharded[0]["weights"][k], sharded[1]["weights"][k])  # the gathered weights agree
-    torch.testing.assert_close(sharded[0]["penalty"], unsharded[0]["penalty"], atol=1e-12, rtol=1e-10)
-    assert_nested_equal(sharded[0]["callback_state"], sharded[1]["callback_state"])  # the whole state, every rank
+    _assert_split_equals_unsplit(fsdp2_results[variant], fsdp2_results[f"{variant}_unsharded"], scatter=True)
 
 
 @pytest.fixture(scope="module")
