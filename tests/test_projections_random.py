@@ -8,6 +8,7 @@ import io
 import math
 import pickle
 import re
+import warnings
 
 import pytest
 import torch
@@ -119,18 +120,68 @@ def test_random_projection_state_round_trip_is_bit_exact(stop):
 
 
 def test_random_projection_foreign_device_state_warns_and_reseeds():
-    rp = RandomProjection(dim=3, num=2, seed=1)
-    draw_steps(rp, "a", 2)
+    """Structured kinds stream from a key's generator: a state saved on another device type is re-seeded."""
+    rp = RandomProjection(dim=3, num=2, seed=1, kind="srht")
+    w = torch.randn(1, 4, 8)
+    for _ in range(2):
+        rp.step()
+        rp.project("a", w)
     state = rp.state_dict()
     state["entries"]["a"]["generator"]["device"] = "cuda"  # as if saved by a GPU run
     state["entries"]["a"]["draw"] = None  # force a fresh draw at the next window
     outs = []
     for _ in range(2):
-        fresh = RandomProjection(dim=3, num=2, seed=1)
+        fresh = RandomProjection(dim=3, num=2, seed=1, kind="srht")
         fresh.load_state_dict(state)
+        fresh.step()
         with pytest.warns(UserWarning, match="re-seeded"):
-            outs.append(draw_steps(fresh, "a", 1)[0])
+            outs.append(fresh.project("a", w))
     assert torch.equal(outs[0], outs[1])  # deterministic re-seed
+
+
+def test_gaussian_slots_are_seeded_so_any_share_draws_the_same_matrices():
+    """Each Gaussian matrix has its own seed: drawn alone, in parts, in any order, or after a resume, it is equal."""
+    kw = {"dim": 3, "num": 4, "resample_every": 2, "seed": 7}
+    whole = RandomProjection(**kw)
+    rank0, rank1 = RandomProjection(**kw), RandomProjection(**kw)
+    last = None
+    for step in range(5):
+        for rp in (whole, rank0, rank1):
+            rp.step()
+        ref = whole.projections("g", 3, 6, "cpu")
+        a = rank0.projections("g", 3, 6, "cpu", parts=[(0, 0, 4), (1, 0, 1)])
+        b = rank1.projections("g", 3, 6, "cpu", parts=[(2, 1, 4), (1, 1, 4), (2, 0, 1)])
+        assert torch.equal(a[0], ref[0]) and torch.equal(a[1, :1], ref[1, :1])
+        assert torch.equal(b[1:, 1:], ref[1:, 1:]) and torch.equal(b[2, :1], ref[2, :1])
+        if step % 2 == 0:  # the first call of a window: only the share is drawn
+            assert not a[2].any() and not b[0].any()  # undrawn matrices are zeros
+            assert not rank0.draw("g").complete and whole.draw("g").complete
+            grown = rank0.projections("g", 3, 6, "cpu")  # the rest drawn on demand: a new tensor, `a` unchanged
+            assert torch.equal(grown, ref) and grown is not a and not a[2].any()
+            if last is not None:  # new matrices, each different from the last window's
+                assert all(not torch.equal(ref[i, c], last[i, c]) for i in range(3) for c in range(4))
+        last = ref
+    state = pickle.loads(pickle.dumps(rank1.state_dict()))
+    assert state["entries"]["g"]["draw"] is None and state["entries"]["g"]["generator"] is None  # recomputed
+    resumed = RandomProjection(**kw)
+    resumed.load_state_dict(state)
+    assert torch.equal(resumed.projections("g", 3, 6, "cpu"), last)  # mid-window: the same matrices
+    with pytest.raises(ValueError, match=r"^`parts` must name sets in \[0, 3\) and projections in \[0, 4\)"):
+        resumed.projections("g", 3, 6, "cpu", parts=[(0, 3, 5)])
+
+
+def test_gaussian_state_with_a_foreign_generator_loads_without_warning():
+    """Gaussian matrices do not depend on a generator state: one saved on another device type is not needed."""
+    rp = RandomProjection(dim=3, num=2, seed=1)
+    draw_steps(rp, "a", 2)
+    state = rp.state_dict()
+    state["entries"]["a"]["generator"] = {"device": "cuda", "state": torch.zeros(16, dtype=torch.uint8)}
+    state["entries"]["a"]["draw"] = None
+    fresh = RandomProjection(dim=3, num=2, seed=1)
+    fresh.load_state_dict(state)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(fresh.projections("a", 1, 4, "cpu"), rp.projections("a", 1, 4, "cpu"))
 
 
 def test_random_projection_load_state_config_checks():
@@ -268,19 +319,25 @@ def test_checkpoint_written_before_typed_draws_loads(kind):
         assert torch.equal(dense, draw.double())
     torch.testing.assert_close(rp.project("a", w), torch.einsum("gnd,gckd->gcnk", w, dense), rtol=1e-12, atol=1e-12)
     assert type(rp.state_dict()["entries"]["a"]["draw"]) is type(draw)
-    # an uninterrupted run drew exactly this, and both continue with the same stream
+    # a structured kind: an uninterrupted run drew exactly this, and both continue with the same stream; the
+    # Gaussian kind now seeds every matrix (the old stream is gone): the next windows are a fresh run's
     ref = RandomProjection(**kwargs)
     ref.step()
     ref.projections("a", g, d, "cpu")  # first used in float32, like the hand-built draw
-    assert torch.equal(ref.projections("a", g, d, "cpu", torch.float64), dense)
-    assert torch.equal(ref.project("a", w), rp.project("a", w))
+    if kind != "gaussian":
+        assert torch.equal(ref.projections("a", g, d, "cpu", torch.float64), dense)
+        assert torch.equal(ref.project("a", w), rp.project("a", w))
     for _ in range(2):
         for obj in (rp, ref):
             obj.step()
-        assert torch.equal(rp.projections("a", g, d, "cpu"), ref.projections("a", g, d, "cpu"))
+        if kind != "gaussian" or rp.window > 1:  # the Gaussian kind keeps the restored draw in its window
+            assert torch.equal(rp.projections("a", g, d, "cpu"), ref.projections("a", g, d, "cpu"))
     assert rp.window == ref.window == 2
     got, want = rp.state_dict()["entries"]["a"], ref.state_dict()["entries"]["a"]
-    assert torch.equal(got["generator"]["state"], want["generator"]["state"])
+    if kind != "gaussian":
+        assert torch.equal(got["generator"]["state"], want["generator"]["state"])
+    else:
+        assert got["generator"] is None and want["generator"] is None
 
 
 @pytest.mark.parametrize(
@@ -309,12 +366,13 @@ def test_malformed_saved_draw_is_refused_without_changing_the_object(kind, draw,
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_generators_draw_on_device_and_cpu_resume_warns():
+    """Gaussian matrices are drawn on the device from their slot seeds; a CPU resume draws CPU values, silently."""
     rp = RandomProjection(dim=3, num=2, seed=0)
     rp.step()
     p = rp.projections("a", 1, 4, "cuda")
-    assert p.is_cuda and rp._gens.gens["a"].device.type == "cuda"
+    assert p.is_cuda and rp._scratch["cuda"].device.type == "cuda"
     assert rp.projections("a", 1, 4, torch.device("cuda", torch.cuda.current_device())) is p
-    reference = draw_steps(RandomProjection(dim=3, num=2, seed=0), "a", 1)  # CPU stream differs from the CUDA one
+    reference = draw_steps(RandomProjection(dim=3, num=2, seed=0), "a", 2, num_sets=1, d=4)  # CPU values differ
     assert not torch.equal(p.cpu(), reference[0])
     state = rp.state_dict()
     resumed = RandomProjection(dim=3, num=2, seed=0)
@@ -325,8 +383,9 @@ def test_cuda_generators_draw_on_device_and_cpu_resume_warns():
     on_cpu = RandomProjection(dim=3, num=2, seed=0)
     on_cpu.load_state_dict(state)
     on_cpu.step()
-    with pytest.warns(UserWarning, match="re-seeded"):
-        on_cpu.projections("a", 1, 4, "cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(on_cpu.projections("a", 1, 4, "cpu"), reference[1])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -14,7 +14,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["KeyedGenerators", "generator_device", "key_seed", "normalize_device", "randn", "reseed_value"]
+__all__ = [
+    "KeyedGenerators",
+    "generator_device",
+    "key_seed",
+    "normalize_device",
+    "randn",
+    "reseed_value",
+    "slot_seed",
+]
 
 _MASK63 = (1 << 63) - 1
 
@@ -50,6 +58,31 @@ def reseed_value(seed: int, key: str, salt: int) -> int:
         True
     """
     return (key_seed(seed, key) * 6364136223846793005 + 1442695040888963407 * (int(salt) + 1)) & _MASK63
+
+
+def _mix64(h: int) -> int:
+    """SplitMix64's finalizer: a bijection of 64-bit words that spreads every input bit over the output."""
+    h = (h ^ (h >> 30)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+    h = (h ^ (h >> 27)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+    return h ^ (h >> 31)
+
+
+def slot_seed(seed: int, key: str, window: int, set_index: int, projection: int) -> int:
+    r"""The seed of one Gaussian projection: a hash of ``(seed, key, window, set, projection)``, 63-bit.
+
+    Each projection :math:`P_{s,c}` of a resampling window is drawn from its own stream, so one of them can be drawn
+    without the others: a data-parallel rank draws only the projections it owns
+    (:mod:`lightning_comhe.sharding`), and the values are the same whichever ranks draw them, in whatever order.
+
+    Example::
+
+        >>> slot_seed(0, "a", 1, 0, 0) == slot_seed(0, "a", 1, 0, 0) != slot_seed(0, "a", 1, 0, 1)
+        True
+    """
+    h = key_seed(seed, key)
+    for value in (window, set_index, projection):
+        h = _mix64(h ^ _mix64(int(value) + 0x9E3779B97F4A7C15 & 0xFFFFFFFFFFFFFFFF))
+    return h & _MASK63
 
 
 def normalize_device(device: torch.device | str) -> torch.device:

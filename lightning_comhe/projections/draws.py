@@ -26,6 +26,7 @@ Example::
 """
 
 import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
@@ -55,20 +56,79 @@ def _field(state: dict[str, Any], name: str, owner: str) -> Any:
 class GaussianDraw:
     r"""Dense Gaussian projections: ``matrices`` of shape ``(G, C, k, d)``, i.i.d. :math:`\mathcal{N}(0, 1)` entries.
 
+    A draw may be **partial**: a data-parallel rank draws only the projections ``(s, c)`` it owns
+    (:meth:`sample_slots`); ``filled`` then names them and the other matrices are zeros.
+
     Args:
         matrices: ``(G, C, k, d)``, without gradient.
+        filled: The drawn ``(set, projection)`` slots of a partial draw; ``None``: all of them.
 
     Example::
 
         >>> import torch
         >>> draw = GaussianDraw.sample((2, 3, 4, 5), torch.Generator().manual_seed(0), torch.device("cpu"))
-        >>> draw.num_sets, draw.d, draw.matrices.shape
-        (2, 5, torch.Size([2, 3, 4, 5]))
+        >>> draw.num_sets, draw.d, draw.matrices.shape, draw.complete
+        (2, 5, torch.Size([2, 3, 4, 5]), True)
         >>> torch.equal(GaussianDraw.from_state(draw.to_state()).matrices, draw.matrices)
+        True
+        >>> seeds = lambda s, c: 10 * s + c  # one stream per (set, projection)
+        >>> part = GaussianDraw.sample_slots((2, 3, 4, 5), [(1, 2)], torch.Generator(), seeds, torch.device("cpu"))
+        >>> part.complete, part.covers([(1, 2)]), part.covers([(0, 0)])
+        (False, True, False)
+        >>> whole = GaussianDraw.sample_slots((2, 3, 4, 5), None, torch.Generator(), seeds, torch.device("cpu"))
+        >>> torch.equal(whole.matrices[1, 2], part.matrices[1, 2])
         True
     """
 
     matrices: Tensor
+    filled: frozenset[tuple[int, int]] | None = None
+
+    @classmethod
+    def sample_slots(
+        cls,
+        shape: tuple[int, int, int, int],
+        slots: Sequence[tuple[int, int]] | None,
+        generator: torch.Generator,
+        seed_of: Callable[[int, int], int],
+        device: torch.device,
+        dtype: torch.dtype = torch.float32,
+        base: "GaussianDraw | None" = None,
+    ) -> "GaussianDraw":
+        """Draw the ``slots`` (``None``: all) that ``base`` lacks, each from ``generator`` seeded with ``seed_of``.
+
+        The matrix of slot ``(s, c)`` is ``randn(k, d)`` right after ``generator.manual_seed(seed_of(s, c))``, so it
+        is the same whichever slots are drawn together. ``base`` (a partial draw of the same window) is never modified:
+        a new draw holding its slots and the new ones is returned (``base`` itself if it has them all).
+        """
+        g, c, k, d = shape
+        every = [(i, j) for i in range(g) for j in range(c)]
+        have = set() if base is None else set(every if base.filled is None else base.filled)
+        todo = sorted(set(every if slots is None else slots) - have)
+        if base is not None and not todo:
+            return base
+        dtype = dtype if base is None else base.matrices.dtype
+        host = torch.empty((len(todo), k, d), dtype=dtype, device=generator.device)
+        for n, (i, j) in enumerate(todo):
+            generator.manual_seed(seed_of(i, j))
+            torch.randn((k, d), generator=generator, dtype=dtype, device=generator.device, out=host[n])
+        filled = have | set(todo)
+        if base is None and len(todo) == len(every):
+            return cls(host.reshape(shape).to(device))
+        mats = torch.zeros(shape, dtype=dtype, device=device) if base is None else base.matrices.clone()
+        rows, cols = torch.tensor(todo, dtype=torch.long, device=device).unbind(1)
+        mats[rows, cols] = host.to(device)
+        return cls(mats, None if len(filled) == len(every) else frozenset(filled))
+
+    @property
+    def complete(self) -> bool:
+        """Whether every ``(set, projection)`` slot is drawn."""
+        return self.filled is None
+
+    def covers(self, slots: Sequence[tuple[int, int]] | None) -> bool:
+        """Whether the draw holds all ``slots`` (``None``: all slots)."""
+        if self.filled is None:
+            return True
+        return slots is not None and self.filled.issuperset(slots)
 
     @classmethod
     def sample(
@@ -103,11 +163,11 @@ class GaussianDraw:
 
     def clone(self) -> "GaussianDraw":
         """A detached copy."""
-        return GaussianDraw(self.matrices.detach().clone())
+        return GaussianDraw(self.matrices.detach().clone(), self.filled)
 
     def to(self, device: torch.device) -> "GaussianDraw":
         """The same draw on ``device``."""
-        return GaussianDraw(self.matrices.to(device))
+        return GaussianDraw(self.matrices.to(device), self.filled)
 
     def to_state(self) -> Tensor:
         """The saved form: the matrices themselves (a detached copy)."""

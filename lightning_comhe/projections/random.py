@@ -6,6 +6,7 @@ r"""Random projections of RP-CoMHE: one seeded stream per key, redrawn every ``r
 used and the global RNG is never touched. Pure PyTorch.
 """
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -18,7 +19,7 @@ from lightning_comhe.functional._device import autocast_off
 from lightning_comhe.functional._dtype import compute_dtype
 from lightning_comhe.functional.projection import project_sets
 from lightning_comhe.projections._common import STATE_VERSION, check_key, check_sets, check_state, warn_config
-from lightning_comhe.projections._rng import KeyedGenerators, normalize_device
+from lightning_comhe.projections._rng import KeyedGenerators, generator_device, normalize_device, slot_seed
 from lightning_comhe.projections.draws import Draw, GaussianDraw, SparseDraw, SRHTDraw, draw_from_state
 
 __all__ = ["RandomProjection"]
@@ -69,9 +70,12 @@ class RandomProjection:
 
     Call :meth:`step` once per optimizer step, before :meth:`projections`. The draws become stale at the first call
     and then every ``resample_every`` calls (``(calls - 1) % resample_every == 0``); a stale key is redrawn lazily
-    from its own generator at its next :meth:`projections` call. The official code redraws at every step
-    (``resample_every=1``). The generator of a key is seeded with :func:`key_seed` ``(seed, key)`` and advances
-    with every draw, so the same seed gives the same stream in every process.
+    at its next :meth:`projections` call. The official code redraws at every step (``resample_every=1``). Each
+    Gaussian matrix :math:`P_{s,c}` of window ``w`` is drawn from a stream of its own, seeded with
+    :func:`~lightning_comhe.projections._rng.slot_seed` ``(seed, key, w, s, c)``: the same seed gives the same
+    matrices in every process, and a data-parallel rank can draw only the matrices of its share (``parts``). The
+    structured kinds draw a key's window at once from the key's generator, seeded with :func:`key_seed`
+    ``(seed, key)``, which advances with every draw.
 
     Args:
         dim: ``k``, the dimension of the projected space (official: 40).
@@ -124,6 +128,7 @@ class RandomProjection:
         self._calls = 0
         self._gens = KeyedGenerators(type(self).__name__, self.seed)
         self._cache: dict[str, tuple[int, Draw]] = {}  # key -> (window, draw of that window)
+        self._scratch: dict[str, torch.Generator] = {}  # Gaussian kind: device type -> generator, re-seeded per slot
 
     def __repr__(self) -> str:
         extra = "" if self.kind == "gaussian" else f", kind={self.kind!r}"
@@ -162,7 +167,13 @@ class RandomProjection:
         self._calls += 1
 
     def projections(
-        self, key: str, num_sets: int, d: int, device: torch.device | str, dtype: torch.dtype = torch.float32
+        self,
+        key: str,
+        num_sets: int,
+        d: int,
+        device: torch.device | str,
+        dtype: torch.dtype = torch.float32,
+        parts: Sequence[tuple[int, int, int]] | None = None,
     ) -> Tensor:
         """The current projections of a key, drawn lazily when missing or stale.
 
@@ -172,6 +183,9 @@ class RandomProjection:
             d: The neuron dimension.
             device: The device of the neurons; the key's generator lives (and draws) there.
             dtype: The returned dtype. Draws are made in float64 if ``dtype`` is float64, else in float32, and cast.
+            parts: Gaussian kind only: draw just the projections ``[c0, c1)`` of each ``(set, c0, c1)``
+                (:data:`lightning_comhe.sharding.Part`), as a data-parallel rank does for its share; the other
+                matrices of the returned tensor are zeros until drawn. ``None``: all.
 
         Returns:
             ``(num_sets, num, dim, d)`` matrices, without gradient: standard Gaussian entries (the cached draw: do not
@@ -192,19 +206,35 @@ class RandomProjection:
             with torch.no_grad():
                 dense = self._apply(key, eye)  # (G, C, d, k) = (I P_cᵀ)
             return dense.transpose(-1, -2).contiguous().to(dtype)
+        slots = None if parts is None else [(i, c) for i, c0, c1 in parts for c in range(c0, c1)]
+        if slots is not None:
+            for i, c in slots:
+                if not (0 <= i < num_sets and 0 <= c < self.num):
+                    raise ValueError(
+                        f"`parts` must name sets in [0, {num_sets}) and projections in [0, {self.num}), got {parts!r}."
+                    )
         shape = (num_sets, self.num, self.dim, d)
         window = self.window
         cached = self._cache.get(key)
         draw = cached[1] if cached is not None and cached[0] == window else None
-        if isinstance(draw, GaussianDraw) and draw.shape == shape:
-            if draw.device != device:
-                draw = draw.to(device)
-                self._cache[key] = (window, draw)
-        else:
-            gen = self._gens.get(key, device, salt=self._calls)
-            draw_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-            draw = GaussianDraw.sample(shape, gen, device, draw_dtype)
-            self._cache[key] = (window, draw)
+        if not (isinstance(draw, GaussianDraw) and draw.shape == shape):
+            draw = None
+        elif draw.device != device:
+            draw = draw.to(device)
+        if draw is None or not draw.covers(slots):
+            gen_device = generator_device(device)
+            gen = self._scratch.get(gen_device.type) or torch.Generator(device=gen_device)
+            self._scratch[gen_device.type] = gen
+            draw = GaussianDraw.sample_slots(
+                shape,
+                slots,
+                gen,
+                lambda i, c: slot_seed(self.seed, key, window, i, c),
+                device,
+                torch.float64 if dtype == torch.float64 else torch.float32,
+                base=draw,
+            )
+        self._cache[key] = (window, draw)
         p = draw.matrices
         return p if p.dtype == dtype else p.to(dtype)
 
@@ -284,13 +314,16 @@ class RandomProjection:
             ``{"type", "version", "config", "calls", "entries"}``; tensors are clones on their current device. Each
             entry is ``{"generator", "window", "draw"}`` with the draw in its saved form (``to_state()`` of
             :mod:`~lightning_comhe.projections.draws`): the ``(G, C, k, d)`` tensor of a Gaussian draw, or a dict of
-            tensors (the sparse support and signs, or the SRHT signs and rows) for a structured one.
+            tensors (the sparse support and signs, or the SRHT signs and rows) for a structured one. A partial
+            Gaussian draw (a rank's share) is saved as ``None`` (its matrices are recomputed from their seeds), and
+            the Gaussian kind has no generator states (``None``).
         """
         gens = self._gens.state_dict()
         entries: dict[str, dict[str, Any]] = {}
         for key in self.keys():
             window, draw = self._cache.get(key, (None, None))
-            saved = None if draw is None else draw.to_state()
+            partial = isinstance(draw, GaussianDraw) and not draw.complete  # recomputed from its slot seeds
+            saved = None if draw is None or partial else draw.to_state()
             entries[key] = {"generator": gens.get(key), "window": window, "draw": saved}
         return {
             "type": type(self).__name__,
@@ -333,5 +366,6 @@ class RandomProjection:
         }
         warn_config(type(self).__name__, cfg, current, ("resample_every", "seed", "density"))
         self._calls = calls  # type: ignore[assignment]
-        self._gens.load_state_dict({k: e["generator"] for k, e in state["entries"].items() if e.get("generator")})
+        gens = {k: e["generator"] for k, e in state["entries"].items() if e.get("generator")}
+        self._gens.load_state_dict(gens if self.kind != "gaussian" else {})  # Gaussian slots are seeded, not streamed
         self._cache = cache
