@@ -74,7 +74,7 @@ def _whole_group_parts(reg: Any, group: Any) -> list[tuple[int, int, int]]:
     unit = reg.family.shard_unit(group)
     if unit == "group":
         return [(-1, 0, 1)]
-    num = int(reg.config.num or 1) if unit == "projection" else 1
+    num = {"projection": int(reg.config.num or 1), "rows": group.num_neurons}.get(unit, 1)
     return [(s, 0, num) for s in range(group.num_sets)]
 
 
@@ -121,15 +121,8 @@ def unit_count(reg: Any, group: Any) -> int:
     return group.num_sets * (int(reg.config.num or 1) if unit == "projection" else 1)
 
 
-def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = common.base_parser(__doc__.splitlines()[0])
-    args = parser.parse_args(argv)
-    device = common.setup(args)
-    worlds = (2, 4) if args.quick else (2, 4, 8)
-    big_worlds = (8, 64) if args.quick else (8, 64, 512)
-    small, big = ("tiny", ["tiny"]) if args.quick else ("resnet18", ["resnet50", "vit_base"])
-    meas = measured(small, worlds, args.quick, device)
-    model_rows = [r for name in big for r in cost_model(name, big_worlds, args.quick, device)]
+def render(small: str, meas: list[dict[str, Any]], model_rows: list[dict[str, Any]]) -> str:
+    """The Markdown tables of one run (also rebuilt from a saved ``shard.json``)."""
     md = ["Measured, one rank's share of the penalty (refresh + forward + backward), " + small + ":\n"]
     md.append(
         common.md_table(
@@ -141,14 +134,19 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
             ],
         )
     )
-    md.append("\nCost model (per-group times measured here, a fitted rate per variant, the plan of W ranks):\n")
+    md.append(
+        "\nCost model (per-group times measured here, a fitted rate per variant, the plan of W ranks; imbalance is "
+        "max / mean over the ranks, slowest / ideal also counts the extra work of row blocks):\n"
+    )
     md.append(
         common.md_table(
-            ["model", "variant", "W", "whole (1 rank)", "slowest rank", "ideal", "imbalance", "idle ranks"],
+            ["model", "variant", "W", "whole (1 rank)", "slowest rank", "ideal", "slowest / ideal", "imbalance"]
+            + ["idle ranks"],
             [
                 [common.MODEL_LABELS.get(r["model"], r["model"]), LABELS[r["variant"]], r["world"]]
                 + [common.fmt_s(r["whole_s"]), common.fmt_s(r["slowest_rank_s"]), common.fmt_s(r["ideal_s"])]
-                + [f"{r['imbalance']:.2f}", f"{r['idle_ranks']} / {r['world']}"]
+                + [f"{r['slowest_rank_s'] / r['ideal_s']:.2f}", f"{r['imbalance']:.2f}"]
+                + [f"{r['idle_ranks']} / {r['world']}"]
                 for r in model_rows
             ],
         )
@@ -159,7 +157,19 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         + ", ".join(f"{m} {v}: {e:.0%}" for (m, v), e in fit.items())
         + "."
     )
-    markdown = "\n".join(md) + "\n"
+    return "\n".join(md) + "\n"
+
+
+def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = common.base_parser(__doc__.splitlines()[0])
+    args = parser.parse_args(argv)
+    device = common.setup(args)
+    worlds = (2, 4) if args.quick else (2, 4, 8)
+    big_worlds = (8, 64) if args.quick else (8, 64, 512)
+    small, big = ("tiny", ["tiny"]) if args.quick else ("resnet18", ["resnet50", "vit_base"])
+    meas = measured(small, worlds, args.quick, device)
+    model_rows = [r for name in big for r in cost_model(name, big_worlds, args.quick, device)]
+    markdown = render(small, meas, model_rows)
     data = common.payload("shard", device, argv, measured=meas, cost_model=model_rows)
     common.save("shard", args.out, data, markdown)
     print(markdown)

@@ -84,8 +84,8 @@ def test_the_plan_is_deterministic_complete_and_balanced() -> None:
         for key, parts in share.items():
             for s, start, stop in parts:
                 covered.setdefault(key, []).extend((s, c) for c in range(start, stop))
-    for group in reg.groups:
-        units = 5 if group.mode == "projected" else 1
+    for group in reg.groups:  # every (set, projection), or every row of an MHE set, exactly once
+        units = 5 if group.mode == "projected" else group.num_neurons
         assert sorted(covered[group.key]) == [(s, c) for s in range(group.num_sets) for c in range(units)]
     costs = rank_costs(reg.groups, reg.family, plan)
     assert imbalance(costs) < 1.5
@@ -116,11 +116,38 @@ def test_a_rank_refreshes_only_its_own_learned_groups() -> None:
 
 
 def test_ranks_outnumbering_the_units_get_empty_shares_and_a_zero_penalty() -> None:
-    reg = CoMHERegularizer(_model(), "mhe")
+    reg = CoMHERegularizer(_model(), "angle", projection_dim=4)
     plan = reg.shard_plan(512)
-    assert sum(1 for share in plan if share) == sum(g.num_sets for g in reg.groups)
+    units = sum(1 if g.mode == "projected" else g.num_sets for g in reg.groups)  # whole learned groups, MHE sets
+    assert units < sum(1 for share in plan if share) < 512  # MHE sets split into row blocks; the rest idle
     empty = next(share for share in plan if not share)
     assert reg.compute(empty).penalty.item() == 0.0
+
+
+@pytest.mark.parametrize("world", [2, 8, 64])
+def test_sets_larger_than_a_share_are_split_into_row_blocks(world: int) -> None:
+    """One MHE set alone: it is split into row blocks (no rank idles) that partition its rows, with balanced costs."""
+    from lightning_comhe.sharding import row_blocks
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(96, 200)).double()
+    reg = CoMHERegularizer(model, "half_mhe", head=[])
+    plan = reg.shard_plan(world)
+    key = reg.groups[0].key
+    blocks = sorted(part for share in plan for part in share[key])
+    assert all(share for share in plan) and blocks[0][1] == 0 and blocks[-1][2] == 200
+    assert all(a[2] == b[1] for a, b in zip(blocks, blocks[1:], strict=False))  # contiguous, no overlap
+    assert imbalance(rank_costs(reg.groups, reg.family, plan)) < (1.25 if world < 64 else 1.6)  # 200 rows / 64
+    reg.refresh()
+    whole = reg.compute().penalty
+    shares = sum(reg.compute(share).penalty for share in plan)
+    torch.testing.assert_close(shares, whole, rtol=1e-12, atol=0)
+    n = 1000
+    for m in (1, 2, 7, 64):
+        b = row_blocks(n, m)
+        pairs = [(r1 - r0) * (n - 1) - (r0 + r1 - 1) * (r1 - r0) // 2 for r0, r1 in b]
+        assert len(b) == m and b[0][0] == 0 and b[-1][1] == n and sum(pairs) == n * (n - 1) // 2
+        assert max(pairs) / min(pairs) < 1.1 if m < 64 else True  # about equal numbers of pairs
 
 
 def test_world_size_is_validated() -> None:

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple
 
+import torch
 from torch import Tensor
 
 from lightning_comhe.config import EnergyConfig
@@ -72,10 +73,22 @@ class Route(NamedTuple):
 NeuronsOf = Callable[[Group], Tensor]
 
 
-def mhe_energy(config: EnergyConfig, neurons: Tensor, *, half_space: bool) -> Tensor:
-    """Full-space (``half_space=False``) or half-space MHE of every set, with the config's power and eps."""
+def mhe_energy(
+    config: EnergyConfig, neurons: Tensor, *, half_space: bool, rows: list[tuple[int, int]] | None = None
+) -> Tensor:
+    """Full-space (``half_space=False``) or half-space MHE of every set, with the config's power and eps.
+
+    ``rows``: the parts held by these row blocks of the pair matrix, ``(G, len(rows))`` (see
+    :func:`~lightning_comhe.functional.hyperspherical_energy`).
+    """
     return hyperspherical_energy(
-        neurons, config.s, half_space=half_space, angular=config.is_angular, eps=config.eps, check_finite=False
+        neurons,
+        config.s,
+        half_space=half_space,
+        angular=config.is_angular,
+        eps=config.eps,
+        check_finite=False,
+        rows=rows,
     )
 
 
@@ -145,8 +158,12 @@ class EnergyFamily:
         raise ValueError(f"`group.mode` must be 'plain' or 'half' for {type(self).__name__}, got {group.mode!r}.")
 
     def shard_unit(self, group: Group) -> str:
-        """The finest piece of ``group`` one rank may compute alone: ``"set"``, ``"projection"`` or ``"group"``."""
-        return "set" if group.mode in ("plain", "half") else "group"
+        """The finest piece of ``group`` one rank may compute alone.
+
+        ``"rows"`` (row blocks of a set's pair matrix: full-space and half-space MHE), ``"set"``, ``"projection"``
+        (one random projection of one set) or ``"group"``.
+        """
+        return "rows" if group.mode in ("plain", "half") else "group"
 
     def energy_parts(
         self, group: Group, neurons: Tensor, parts: Sequence[tuple[int, int, int]]
@@ -154,12 +171,23 @@ class EnergyFamily:
         """The energies of a rank's ``parts`` of ``group`` and the set each belongs to.
 
         Summed over the parts of every rank, per set, they give :meth:`energy`. ``parts`` are ``(set, start, stop)``
-        (:data:`lightning_comhe.sharding.Part`); ``(-1, 0, 1)`` is the whole group.
+        (:data:`lightning_comhe.sharding.Part`); ``(-1, 0, 1)`` is the whole group. For the ``"rows"`` unit,
+        ``[start, stop)`` are rows of the set's pair matrix (``(s, 0, N)``: the whole set).
         """
         if parts and parts[0][0] < 0:
             return self.energy(group, neurons), list(range(neurons.shape[0]))
-        sets = [s for s, _, _ in parts]
-        return self.energy(group, neurons[sets]), sets
+        n = neurons.shape[1]
+        split = self.shard_unit(group) == "rows"
+        whole = [s for s, start, stop in parts if not split or (start, stop) == (0, n)]
+        values, sets = [self.energy(group, neurons[whole])] if whole else [], list(whole)
+        blocks: dict[int, list[tuple[int, int]]] = {}
+        for s, start, stop in parts:
+            if split and (start, stop) != (0, n):
+                blocks.setdefault(s, []).append((start, stop))
+        for s, rows in blocks.items():  # the blocks of one set share its normalization
+            values.append(mhe_energy(self.config, neurons[s : s + 1], half_space=group.mode == "half", rows=rows)[0])
+            sets += [s] * len(rows)
+        return torch.cat(values), sets
 
     def describe(self, groups: Sequence[Group]) -> str:
         """Extra words for the regularizer's one-line summary (empty by default)."""

@@ -89,7 +89,9 @@ class RandomProjectionEnergy(ProjectedFamily):
 
     def shard_unit(self, group: Group) -> str:
         """Gaussian projections split per (set, projection); the expected kernel per set; structured kinds whole."""
-        if group.mode != "projected" or self.projector is None:
+        if group.mode != "projected":
+            return super().shard_unit(group)
+        if self.projector is None:
             return "set"
         return "projection" if self.projector.kind == "gaussian" else "group"
 
@@ -101,8 +103,8 @@ class RandomProjectionEnergy(ProjectedFamily):
             return super().energy_parts(group, neurons, parts)
         assert self.projector is not None
         proj = self.projector.projections(
-            group.key, neurons.shape[0], group.dim, neurons.device, compute_dtype(neurons)
-        )
+            group.key, neurons.shape[0], group.dim, neurons.device, compute_dtype(neurons), parts=parts
+        )  # only this share's projections are drawn
         num = proj.shape[1]
         whole = [s for s, c0, c1 in parts if c0 == 0 and c1 == num]
         values, sets = [], []

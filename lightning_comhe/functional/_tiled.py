@@ -28,7 +28,7 @@ from lightning_comhe.functional._pairwise import (
     pair_terms_and_grad,
 )
 
-__all__ = ["energy_core", "eps_normalize", "overflow_scale"]
+__all__ = ["antipodal_terms", "energy_core", "eps_normalize", "overflow_scale"]
 
 # Elements of one Gram tile (sets × rows × columns): 2**20 float32 elements is 4 MiB per buffer, cache-resident on
 # most CPUs between the elementwise passes; see `_tile_plan`.
@@ -367,15 +367,21 @@ def energy_core(
         pair_sum = _FusedPairEnergy.apply(u, q, s, angular, half_space, eps, rows, compiled, need_grad)
     if not half_space:
         return pair_sum / (n * (n - 1) / 2)
-    # The N pairs (w_i, -w_i): cosine -c_ii with c_ii = ‖w_i‖²/(‖w_i‖² + eps) = 1 - eps/n_i². Their squared chord
-    # is 2 + 2c_ii = 4 - 2·eps/n_i², and the complementary one is exactly 2 - 2c_ii = 2·eps/n_i² (no clamping needed).
+    return (pair_sum + antipodal_terms(nrm2, e, s, angular, eps).sum(-1)) / (n * (2 * n - 1))
+
+
+def antipodal_terms(nrm2: Tensor, e: float | Tensor, s: float, angular: bool, eps: float) -> Tensor:
+    r"""Half-space energy: the term of each pair ``(w_i, -w_i)``, ``(..., N)``, from :func:`eps_normalize`'s ``n², e``.
+
+    Its cosine is :math:`-c_{ii}` with :math:`c_{ii} = \|w_i\|^2/(\|w_i\|^2 + eps) = 1 - eps/n_i^2`. The squared
+    chord is :math:`2 + 2c_{ii} = 4 - 2\,eps/n_i^2`, and the complementary one is exactly
+    :math:`2 - 2c_{ii} = 2\,eps/n_i^2` (no clamping needed).
+    """
     q_grad = nrm2.reciprocal() * e
     d_far = 4 - 2 * q_grad
-    if angular:
-        # eps/n² underflows to 0 for rows rescaled by `eps_normalize` (n > ~1e19): keep √ differentiable there
-        near = (2 * q_grad).clamp_min(torch.finfo(q_grad.dtype).tiny).sqrt()
-        theta = 2 * torch.atan2(d_far.sqrt(), near) / math.pi
-        diag = angle_term(theta + eps, s).sum(-1)
-    else:
-        diag = chord_term(d_far, s).sum(-1)
-    return (pair_sum + diag) / (n * (2 * n - 1))
+    if not angular:
+        return chord_term(d_far, s)
+    # eps/n² underflows to 0 for rows rescaled by `eps_normalize` (n > ~1e19): keep √ differentiable there
+    near = (2 * q_grad).clamp_min(torch.finfo(q_grad.dtype).tiny).sqrt()
+    theta = 2 * torch.atan2(d_far.sqrt(), near) / math.pi
+    return angle_term(theta + eps, s)

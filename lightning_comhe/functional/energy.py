@@ -21,6 +21,7 @@ finite in :mod:`lightning_comhe.functional._pairwise`, the fused tiled kernel (t
 ``PowerLike``, ``parse_power``, ``OFFICIAL_POWERS`` and ``project_sets`` are re-exported here.
 """
 
+from collections.abc import Sequence
 from typing import Literal
 
 from torch import Tensor
@@ -29,6 +30,7 @@ from lightning_comhe.functional._checks import check_eps, check_finite, check_ne
 from lightning_comhe.functional._device import autocast_off
 from lightning_comhe.functional._dtype import compute_dtype
 from lightning_comhe.functional._power import OFFICIAL_POWERS, PowerLike, parse_power
+from lightning_comhe.functional._rows import rows_core
 from lightning_comhe.functional._tiled import energy_core
 from lightning_comhe.functional.projection import project_sets
 
@@ -64,6 +66,7 @@ def hyperspherical_energy(
     check_finite: bool = True,
     backend: Backend = "auto",
     tile_size: int | None = None,
+    rows: tuple[int, int] | Sequence[tuple[int, int]] | None = None,
 ) -> Tensor:
     r"""Hyperspherical energy of a set of neurons (MHE), with the official code's semantics.
 
@@ -106,6 +109,14 @@ def hyperspherical_energy(
             ``"auto"`` is ``"fused"``, or ``"compiled"`` when the environment variable
             ``LIGHTNING_COMHE_COMPILE=1`` is set. All are differentiable twice.
         tile_size: Rows per Gram tile for the fused kernel; ``None`` picks one from the problem size.
+        rows: ``(start, stop)`` with ``0 <= start < stop <= N``: only the part of the energy held by the rows
+            :math:`I = [start, stop)` of the pair matrix's upper triangle,
+            :math:`\frac{1}{Z}(\sum_{i \in I}\sum_{j > i} f(c_{ij}) + \text{the rows' antipodal terms})` with the
+            whole energy's normalization :math:`Z`. The parts of any partition of the rows sum to the energy, and
+            so do their gradients: this is how one set's penalty is split across data-parallel ranks
+            (:mod:`lightning_comhe.sharding`). Computed by the reference formula (``backend`` and ``tile_size`` do
+            not apply); ``None``: the whole energy. A list of such blocks gives one part per block (a trailing
+            dimension), normalizing the neurons once.
 
     Returns:
         A scalar for ``(N, d)`` input, or a ``(B,)`` tensor, in the compute dtype.
@@ -122,6 +133,10 @@ def hyperspherical_energy(
         0.5
         >>> hyperspherical_energy(torch.randn(4, 10, 27), power="a0", half_space=True).shape
         torch.Size([4])
+        >>> w = torch.randn(6, 5, dtype=torch.float64)
+        >>> halves = hyperspherical_energy(w, rows=(0, 2)) + hyperspherical_energy(w, rows=(2, 6))
+        >>> torch.allclose(halves, hyperspherical_energy(w))
+        True
     """
     _check_neurons(neurons)
     s, angular = parse_power(power, angular)
@@ -130,14 +145,36 @@ def hyperspherical_energy(
         raise ValueError(f"`backend` must be one of {', '.join(map(repr, _BACKENDS))}, got {backend!r}.")
     if tile_size is not None and (isinstance(tile_size, bool) or not isinstance(tile_size, int) or tile_size < 1):
         raise ValueError(f"`tile_size` must be None or an int >= 1, got {tile_size!r}.")
+    blocks = None if rows is None else _check_rows(rows, neurons.shape[-2])
     if check_finite:
         _check_finite(neurons, "neurons")
     dtype = compute_dtype(neurons)
     with autocast_off(neurons.device):
         v = neurons.to(dtype)
         batched = v.ndim == 3
-        out = energy_core(v if batched else v[None], s, angular, half_space, float(eps), backend, tile_size)
+        v = v if batched else v[None]
+        if blocks is None:
+            out = energy_core(v, s, angular, half_space, float(eps), backend, tile_size)
+        else:
+            out = rows_core(v, blocks, s, angular, half_space, float(eps))
+            out = out[..., 0] if isinstance(rows, tuple) else out
     return out if batched else out[0]
+
+
+def _check_rows(rows: object, n: int) -> list[tuple[int, int]]:
+    blocks = [rows] if isinstance(rows, tuple) else rows
+    if not (isinstance(blocks, list | tuple) and blocks) or not all(
+        isinstance(b, tuple)
+        and len(b) == 2
+        and all(isinstance(r, int) and not isinstance(r, bool) for r in b)
+        and 0 <= b[0] < b[1] <= n
+        for b in blocks
+    ):
+        raise ValueError(
+            "`rows` must be None, a tuple (start, stop) with 0 <= start < stop <= N, or a non-empty list of them; "
+            f"N = {n}, got {rows!r}."
+        )
+    return list(blocks)  # type: ignore[arg-type]
 
 
 def projected_energy(
