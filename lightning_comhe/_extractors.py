@@ -146,7 +146,9 @@ def prod(values: Sequence[int]) -> int:
 
 
 def full(t: Tensor) -> Tensor:
-    """Gather an FSDP2 ``DTensor`` into a plain tensor (differentiable, collective); return other tensors as is.
+    """Gather an FSDP2 ``DTensor`` (differentiable) or a ZeRO-3 parameter into a plain tensor (a collective).
+
+    Other tensors are returned as they are.
 
     Inside :func:`lightning_comhe._gathered.gathered` (a penalty split across FSDP2 ranks) each ``DTensor`` is
     gathered once, as a local leaf of that context.
@@ -154,6 +156,9 @@ def full(t: Tensor) -> Tensor:
     if _DTensor is not None and isinstance(t, _DTensor):
         weights = _gathered.active()
         return t.full_tensor() if weights is None else weights.full(t)
+    if _gathered.is_zero3(t):  # a DeepSpeed ZeRO-3 placeholder: the gathered leaf, or a detached full copy
+        weights = _gathered.active()
+        return _gathered.gather_zero3(t) if weights is None else weights.full(t)
     return t
 
 
@@ -175,7 +180,7 @@ def module_weight(module: nn.Module, name: str = "weight") -> Tensor:
         raise ValueError(
             f"The {name} of {type_name(module)} is an uninitialized lazy parameter; run a forward pass first."
         )
-    if weight.ndim < 2:
+    if weight.ndim < 2 and not _gathered.is_zero3(weight):  # a ZeRO-3 placeholder is 1-D; `ds_shape` is the shape
         raise ValueError(
             f"Expected the `{name}` of {type_name(module)} to have ndim >= 2, but got shape {tuple(weight.shape)}."
         )

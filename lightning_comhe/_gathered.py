@@ -1,6 +1,9 @@
 r"""A penalty split across FSDP2 ranks: weights gathered as local leaves, shares' gradients reduce-scattered.
 
-Pure PyTorch.
+Pure PyTorch (DeepSpeed only for its ZeRO-3 parameters). DeepSpeed ZeRO-3 uses the same leaves: its parameters are
+empty placeholders outside their module's forward, so every penalized step gathers them
+(``deepspeed.zero.GatheredParameters``), and the gradients with respect to the leaves are delivered during the
+backward as under DDP; ZeRO-3 then averages them over the ranks into its partitions.
 
 Under FSDP2 every weight is a ``DTensor`` shard and the neurons are read from ``full_tensor()`` (an all-gather).
 Every rank computing the whole penalty makes ``full_tensor``'s default backward right (each rank keeps its chunk
@@ -22,7 +25,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
-__all__ = ["GatheredWeights", "gathered", "mesh_covers_world"]
+__all__ = ["GatheredWeights", "gather_zero3", "gathered", "is_zero3", "mesh_covers_world"]
 
 _ACTIVE: contextvars.ContextVar["GatheredWeights | None"] = contextvars.ContextVar("comhe_gathered", default=None)
 
@@ -34,11 +37,11 @@ class GatheredWeights:
         self._leaves: dict[int, tuple[Tensor, Tensor]] = {}  # id(DTensor) -> (DTensor, local full leaf)
 
     def full(self, t: Tensor) -> Tensor:
-        """The gathered leaf of the ``DTensor`` ``t`` (gathered on first use; a collective then)."""
+        """The gathered leaf of the ``DTensor`` or ZeRO-3 parameter ``t`` (gathered on first use; a collective then)."""
         entry = self._leaves.get(id(t))
         if entry is None:
-            leaf = t.detach().full_tensor().requires_grad_(t.requires_grad)
-            entry = self._leaves[id(t)] = (t, leaf)
+            full = gather_zero3(t) if is_zero3(t) else t.detach().full_tensor()
+            entry = self._leaves[id(t)] = (t, full.requires_grad_(t.requires_grad))
         return entry[1]
 
     def __len__(self) -> int:
@@ -62,10 +65,26 @@ class GatheredWeights:
         out = []
         for (p, leaf), g in zip(pairs, grads, strict=True):
             g = torch.zeros_like(leaf) if g is None else g
+            if is_zero3(p):  # ZeRO-3 reduces (averages) the full gradient into its partitions itself
+                out.append((p, g))
+                continue
             mesh = p.device_mesh
             partial = DTensor.from_local(g, mesh, [Partial()] * mesh.ndim, run_check=False)
             out.append((p, partial.redistribute(mesh, p.placements)))
         return out
+
+
+def is_zero3(t: Tensor) -> bool:
+    """Whether ``t`` is a parameter partitioned by DeepSpeed ZeRO-3 (an empty placeholder outside its forward)."""
+    return hasattr(t, "ds_id") and hasattr(t, "ds_shape")
+
+
+def gather_zero3(t: Tensor) -> Tensor:
+    """A detached full copy of the ZeRO-3 parameter ``t`` (``deepspeed.zero.GatheredParameters``: a collective)."""
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([t], modifier_rank=None):
+        return t.detach().clone()
 
 
 @contextmanager

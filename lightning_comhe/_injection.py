@@ -125,6 +125,14 @@ class GradientInjection:
                 all-reduce that a sharded penalty needs where the strategy's own gradient all-reduce is over).
         """
         for p, g in self._pending.values():
+            if p.shape != g.shape:  # a placeholder (DeepSpeed ZeRO-3) whose gradient lives in the engine's partitions
+                self.cancel()
+                raise RuntimeError(
+                    f"The CoMHE penalty's gradient of shape {tuple(g.shape)} could not be delivered: the parameter "
+                    f"(shape {tuple(p.shape)}) was not reached by the loss's backward pass, and its gradient is kept "
+                    "by the strategy (DeepSpeed ZeRO-3). HINT: regularize only layers that the loss uses "
+                    "(`CoMHE(exclude=...)`), or use ZeRO stage 1 or 2."
+                )
             if reduce is not None:
                 g = reduce(g)
             extra = self._factor(g) * g

@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 
-from lightning_comhe._gathered import GatheredWeights, gathered, mesh_covers_world
+from lightning_comhe._gathered import GatheredWeights, gathered, is_zero3, mesh_covers_world
 
 __all__ = [
     "PenaltyShard",
@@ -43,34 +43,36 @@ def batch_index(trainer: "pl.Trainer") -> int:
     return trainer.fit_loop.epoch_loop.batch_progress.total.ready
 
 
-def check_strategy(strategy: Any) -> None:
-    """Refuse FSDP v1 and DeepSpeed ZeRO-3, whose weights are flat shards or empty inside the backward pass."""
+def check_strategy(strategy: Any, accumulate: int = 1) -> None:
+    """Refuse what is not supported: FSDP v1, and DeepSpeed ZeRO-3 with gradient accumulation.
+
+    FSDP v1's weights are flat 1-D shards inside the backward pass (docs/strategies/fsdp-v1.md). Under ZeRO-3 with
+    ``accumulate > 1`` DeepSpeed's own accumulation departs from ZeRO-1/2's even without CoMHE, so the penalty's
+    placement in it cannot be checked against a reference (docs/strategies/deepspeed.md).
+    """
     try:
-        from lightning.pytorch.strategies import FSDPStrategy
+        from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
     except ImportError:  # pragma: no cover - depends on the lightning build
-        FSDPStrategy = None  # noqa: N806
-    try:
-        from lightning.pytorch.strategies import DeepSpeedStrategy
-    except ImportError:  # pragma: no cover - depends on the lightning build
-        DeepSpeedStrategy = None  # noqa: N806
-    if FSDPStrategy is not None and isinstance(strategy, FSDPStrategy):
-        raise MisconfigurationException(
-            "CoMHE does not support `FSDPStrategy` (FSDP v1): inside its backward pass the weights are flat 1-D "
-            "shards, so the neurons cannot be formed where the penalty is added. HINT: use FSDP2 instead: "
-            "`strategy=ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)` with "
-            "`torch.distributed.fsdp.fully_shard` applied in `LightningModule.configure_model`, or DDP."
-        )
-    if DeepSpeedStrategy is not None and isinstance(strategy, DeepSpeedStrategy):
+        DeepSpeedStrategy = FSDPStrategy = None  # noqa: N806
+    if DeepSpeedStrategy is not None and isinstance(strategy, DeepSpeedStrategy) and accumulate > 1:
         try:
             stage3 = bool(strategy.zero_stage_3)
         except Exception:  # noqa: BLE001 - an unconfigured strategy has no config yet
             stage3 = False
         if stage3:
             raise MisconfigurationException(
-                "CoMHE does not support DeepSpeed ZeRO stage 3: outside the forward pass its parameters are "
-                "empty placeholders, so the neurons cannot be read when the penalty is added. HINT: use ZeRO "
-                "stage 1 or 2 (`strategy='deepspeed_stage_2'`), or FSDP2 through `ModelParallelStrategy`."
+                f"CoMHE does not support DeepSpeed ZeRO stage 3 with gradient accumulation (got "
+                f"accumulate_grad_batches={accumulate}): the engine's stage-3 accumulation is not the one CoMHE is "
+                "verified against. HINT: use accumulate_grad_batches=1 with ZeRO-3, or ZeRO stage 1 or 2 "
+                "(`strategy='deepspeed_stage_2'`), which support accumulation."
             )
+    if FSDPStrategy is not None and isinstance(strategy, FSDPStrategy):
+        raise MisconfigurationException(
+            "CoMHE does not support `FSDPStrategy` (FSDP v1): inside its backward pass the weights are flat 1-D "
+            "shards, so the neurons cannot be formed where the penalty is added. HINT: use FSDP2 instead: "
+            "`strategy=ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)` with "
+            "`torch.distributed.fsdp.fully_shard` applied in `LightningModule.configure_model`, DeepSpeed, or DDP."
+        )
 
 
 class PenaltyShard(NamedTuple):
@@ -89,12 +91,10 @@ class PenaltyShard(NamedTuple):
     scatter: bool
 
 
-def penalty_shard(
-    trainer: "pl.Trainer", shard: bool, shardable: bool, params: Sequence[Tensor]
-) -> PenaltyShard | None:
+def penalty_shard(trainer: "pl.Trainer", shard: bool, shardable: bool, params: Sequence[Tensor]) -> PenaltyShard | None:
     """This rank's :class:`PenaltyShard` when this step's penalty is split across ranks (``CoMHE(shard=True)``).
 
-    DDP and DeepSpeed ZeRO-1/2 (a ``DDPStrategy``): the gradient hooks add ``∇(W·R_r)`` before the strategy
+    DDP and DeepSpeed ZeRO-1/2/3 (a ``DDPStrategy``): the gradient hooks add ``∇(W·R_r)`` before the strategy
     averages the gradients over the ranks (DDP's reducer, ZeRO's reduction hooks). ``None`` (every rank computes
     the whole penalty) in one process, for families that keep per-group state on every rank, and under
     ``ModelParallelStrategy`` unless every weight read is an FSDP2 ``DTensor`` on a mesh of all ranks
@@ -115,13 +115,16 @@ def penalty_shard(
 
 
 @contextmanager
-def gathering(shard: PenaltyShard | None, read_all: Callable[[], object]) -> Iterator[GatheredWeights | None]:
-    """The context of one penalized step: under a scattered (FSDP2) shard, the weights are gathered as local leaves.
+def gathering(
+    shard: PenaltyShard | None, params: Sequence[Tensor], read_all: Callable[[], object]
+) -> Iterator[GatheredWeights | None]:
+    """The context of one penalized step, in which the weights may be gathered as local leaves.
 
-    ``read_all`` reads every group's neurons, so that every rank issues the same all-gathers in the same order;
-    ``None`` is yielded (and nothing gathered) otherwise.
+    They are gathered under a scattered (FSDP2) shard, and always for DeepSpeed ZeRO-3 parameters (empty placeholders
+    outside their forward). ``read_all`` reads every group's neurons, so that every rank issues the same all-gathers
+    in the same order. ``None`` is yielded (and nothing gathered) otherwise.
     """
-    if shard is None or not shard.scatter:
+    if (shard is None or not shard.scatter) and not any(is_zero3(p) for p in params):
         yield None
         return
     with gathered() as weights:

@@ -250,7 +250,7 @@ class CoMHE(Callback):
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage != "fit":
             return
-        check_strategy(trainer.strategy)
+        check_strategy(trainer.strategy, trainer.accumulate_grad_batches)
         self._warn_log_collisions(trainer)
         # A new fit starts from its own global step; a checkpoint (restored after `setup`) sets it back.
         self._timing.last_refresh = None
@@ -321,7 +321,8 @@ class CoMHE(Callback):
                 f"CoMHE(shard=True) has no effect under {type(trainer.strategy).__name__} with variant "
                 f"{self.variant!r}: every rank computes the whole penalty (docs/strategies/ddp.md)."
             )
-        with gathering(shard, lambda: [regularizer.group_neurons(g) for g in regularizer.groups]) as weights:
+        read_all = lambda: [regularizer.group_neurons(g) for g in regularizer.groups]  # noqa: E731
+        with gathering(shard, regularizer.parameters(), read_all) as weights:
             if refresh:
                 regularizer.refresh(self._current_lr(trainer, regularizer), self._share(regularizer))
             if not timing.penalize(step, batch_index(trainer)):

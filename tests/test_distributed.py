@@ -99,7 +99,13 @@ DEEPSPEED_CONFIGS = [
     {**_config("zero1_random", "random"), "stage": 1},
     {**_config("zero2_angle", "angle"), "stage": 2},
     {**_config("zero2_adversarial_acc2", "adversarial", accumulate=2, batch_size=3, max_steps=4), "stage": 2},
+    {**_config("zero3_random", "random"), "stage": 3},
+    {**_config("zero3_angle", "angle"), "stage": 3},
+    {**_config("zero3_half_mhe_unsharded", "half_mhe"), "stage": 3, "unsharded": True},
 ]
+for _c in DEEPSPEED_CONFIGS:
+    if _c.get("unsharded"):
+        _c["comhe"]["shard"] = False  # every rank computes the whole penalty on its gathered weights
 
 
 def _launch(mode: str, configs: list[dict], out: Path, *, by_hand: bool, **env: str) -> dict[str, list[dict[str, Any]]]:
@@ -324,8 +330,11 @@ def deepspeed_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, lis
 
 
 @pytest.mark.parametrize("config", DEEPSPEED_CONFIGS, ids=[c["name"] for c in DEEPSPEED_CONFIGS])
-def test_deepspeed_zero12_matches_reference(config: dict, deepspeed_results: dict) -> None:
-    """DeepSpeed ZeRO-1/2 through Lightning's ``DeepSpeedStrategy`` on DeepSpeed's CPU accelerator (float32).
+def test_deepspeed_zero_matches_reference(config: dict, deepspeed_results: dict) -> None:
+    """DeepSpeed ZeRO-1/2/3 through Lightning's ``DeepSpeedStrategy`` on DeepSpeed's CPU accelerator (float32).
+
+    Under ZeRO-3 the weights are gathered for the penalty (its parameters are empty placeholders outside forward),
+    and the penalty's gradients are averaged into the partitions with the task's.
 
     Without accumulation DeepSpeed steps like DDP: the data-parallel reference applies. With accumulation the
     engine's windows run across epoch ends and both Lightning and the engine divide the loss by ``A``:
@@ -333,7 +342,11 @@ def test_deepspeed_zero12_matches_reference(config: dict, deepspeed_results: dic
     """
     results = deepspeed_results[config["name"]]
     assert all(r["engine"] == "DeepSpeedEngine" and r["zero_stage"] == config["stage"] for r in results)
-    assert [r["shard"] for r in results] == [(0, 2, False), (1, 2, False)]  # the penalty split across the ranks
+    assert all(r["zero3_partitioned"] == (config["stage"] == 3) for r in results)  # ZeRO-3 really partitioned
+    # the penalty split across the ranks (or, with shard=False, computed whole on every rank)
+    assert [r["shard"] for r in results] == (
+        [None, None] if config.get("unsharded") else [(0, 2, False), (1, 2, False)]
+    )
     tol = {"dtype": torch.float32, "atol": 1e-5, "rtol": 1e-4}
     if config["accumulate"] == 1:
         _check(results, config, **tol)

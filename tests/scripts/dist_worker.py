@@ -81,9 +81,15 @@ class BatchRecorder(Callback):
 
 
 def full_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Plain tensors of the parameters (FSDP2 ``DTensor`` shards are gathered; a collective on every rank)."""
+    """Plain tensors of the parameters (FSDP2 ``DTensor`` shards and ZeRO-3 partitions are gathered: collectives)."""
     out = {}
     for name, p in model.named_parameters():
+        if hasattr(p, "ds_id"):  # a DeepSpeed ZeRO-3 partition: gathered (a collective)
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                out[name] = p.detach().clone()
+            continue
         t = p.detach()
         if hasattr(t, "full_tensor"):
             t = t.full_tensor()
@@ -160,6 +166,7 @@ def run(mode: str, config: dict[str, Any], out: Path) -> None:
         "penalty": trainer.callback_metrics["comhe/penalty"].clone(),
         "inputs": recorder.inputs,
         "sharded": any(type(p).__name__ == "DTensor" for p in model.parameters()),
+        "zero3_partitioned": any(hasattr(p, "ds_id") for p in model.parameters()),
         "engine": type(trainer.strategy.model).__name__,
         "zero_stage": trainer.strategy.config["zero_optimization"]["stage"] if mode == "deepspeed" else None,
         "engine_steps": getattr(trainer.strategy.model, "global_steps", None),
