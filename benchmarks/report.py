@@ -235,8 +235,9 @@ def render(results: Path, doc: Path) -> str:
         "`CoMHE(shard=True)` (the default) gives each DDP rank a balanced share of the penalty "
         "([DDP](strategies/ddp.md)). Measured: the time of each rank's share (refresh + forward + backward; the "
         "work of a share is local, DDP adds only the gradient all-reduce it does anyway), next to the whole "
-        "penalty, same run. Modelled: per-group times measured here times the plan of W ranks, for models and "
-        "rank counts this machine cannot run.\n"
+        "penalty, same run. A rank draws only its own random projections, and an MHE set that alone costs more "
+        "than a rank's share is cut into row blocks of its pair matrix. Modelled: per-group times measured here "
+        "times the plan of W ranks, for models and rank counts this machine cannot run.\n"
     )
     out.append(md(results, "shard") + "\n")
     out.append(provenance(res.get("shard"), machine))

@@ -48,10 +48,9 @@ def provenance(result: dict[str, Any] | None, machine: dict[str, Any]) -> str:
         return ""
     m = result.get("machine", {})
     return (
-        f"_These results are from an earlier run ({m.get('date', '?')}, {m.get('cpu', '?')}, `nproc` = "
-        f"{m.get('nproc', '?')}, {m.get('torch_threads', '?')} thread(s)), not repeated on this page's machine: "
-        "its code paths did not change, and the time budget of this run went to the benchmarks that did. "
-        "Compare ratios within this section only._\n"
+        f"_These results come from another run than the rest of this page ({m.get('date', '?')}, "
+        f"{m.get('cpu', '?')}, `nproc` = {m.get('nproc', '?')}, {m.get('torch_threads', '?')} thread(s)): the "
+        "section was measured on its own, on that machine. Compare ratios within this section only._\n"
     )
 
 

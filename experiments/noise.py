@@ -125,8 +125,14 @@ def plot(results: dict[str, Any], path: Path) -> None:
         for i, r in enumerate(rows):
             steps, mean, std = curve_stats(runs[r], key)
             ax.plot(steps, mean, color="k" if r == "baseline" else f"C{i}", label=LABELS[r], lw=1.2)
-            ax.fill_between(steps, [m - s for m, s in zip(mean, std, strict=True)],
-                            [m + s for m, s in zip(mean, std, strict=True)], color=f"C{i}", alpha=0.12, lw=0)
+            ax.fill_between(
+                steps,
+                [m - s for m, s in zip(mean, std, strict=True)],
+                [m + s for m, s in zip(mean, std, strict=True)],
+                color=f"C{i}",
+                alpha=0.12,
+                lw=0,
+            )
         ax.set_xlabel("optimizer step")
         ax.set_title(f"{title}, mean over layers")
         ax.grid(alpha=0.3)

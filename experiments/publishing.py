@@ -135,9 +135,7 @@ def save_figure(fig: Any, path: Path) -> None:
     pyplot().close(fig)
 
 
-def publish_sweep(
-    setup: "Setup", stem: str, total: float, header: Iterable[str], rows: Iterable[Iterable[str]]
-) -> str:
+def publish_sweep(setup: "Setup", stem: str, total: float, header: Iterable[str], rows: Iterable[Iterable[str]]) -> str:
     """Write a sweep's summary (command, date, total time, machine, one row per script) and its doc block.
 
     Args:

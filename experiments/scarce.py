@@ -131,9 +131,7 @@ def describe(setup: Setup, steps: dict[str, int]) -> str:
     )
 
 
-def publish_study(
-    setup: Setup, stem: str, results: dict[str, Any], plot: Any, intro: str, text: str, alt: str
-) -> None:
+def publish_study(setup: Setup, stem: str, results: dict[str, Any], plot: Any, intro: str, text: str, alt: str) -> None:
     """:func:`~experiments.publishing.publish` for a one-size study (``results`` has its size, steps, seconds)."""
     from experiments.publishing import publish
 
