@@ -146,15 +146,34 @@ def totals_over_ranks(penalty: Tensor, energies: dict[str, Tensor], names: list[
     return totals[0], dict(zip(names, totals[1:], strict=True))
 
 
-def merge_owned_entries(entries: dict[str, Any], owned: set[str]) -> dict[str, Any]:
-    """Every rank's ``entries`` for the keys it owns, merged: the whole learned-projection state on every rank.
+def merge_owned_entries(entries: dict[str, Any], share: dict[str, list[tuple[int, int, int]]]) -> dict[str, Any]:
+    """Every rank's ``entries`` for its ``share``, merged: the whole projection state on every rank.
 
-    One ``all_gather_object``: all ranks must call it together (Lightning calls ``state_dict`` on every rank).
+    A learned projection's entry (a ``"projection"`` tensor of shape ``(G, k, d)``) is merged set by set: each row
+    comes from the rank that fits that set. Other entries (random projections) come whole from an owner. One
+    ``all_gather_object``: all ranks must call it together (Lightning calls ``state_dict`` on every rank).
     """
-    mine = {k: v for k, v in entries.items() if k in owned}
+    mine = {}
+    for key, parts in share.items():
+        entry = entries.get(key)
+        if entry is None or not parts:
+            continue
+        by_set = isinstance(entry.get("projection"), Tensor) and all(p[0] >= 0 for p in parts)
+        mine[key] = ([p[0] for p in parts] if by_set else None, entry)
     gathered: list[Any] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(gathered, mine)
     merged = dict(entries)
+    copied: set[str] = set()
     for part in gathered:
-        merged.update(part)
+        for key, (sets, entry) in part.items():
+            if sets is None or key not in merged:
+                merged[key], copied = entry, copied - {key}
+            if sets is None:
+                continue
+            if key not in copied:  # write rows into a copy, never into this rank's live state
+                merged[key] = {**merged[key], "projection": merged[key]["projection"].clone()}
+                copied.add(key)
+            rows = torch.tensor(sets, dtype=torch.long)
+            target = merged[key]["projection"]
+            target[rows.to(target.device)] = entry["projection"][rows.to(entry["projection"].device)].to(target)
     return {k: merged[k] for k in sorted(merged)}  # the same order on every rank

@@ -376,10 +376,10 @@ class CoMHE(Callback):
         if self._regularizer is not None:
             reg_state: dict[str, Any] | None = self._regularizer.state_dict()
             if self._shard is not None and "entries" in (reg_state.get("projector") or {}):
-                # each rank drew / fitted only its own groups' projections: the checkpoint gets every owner's
-                owned = set(self._regularizer.shard_plan(self._shard[1])[self._shard[0]])
+                # each rank drew / fitted only its own share's projections: the checkpoint gets every owner's
+                share = self._regularizer.shard_plan(self._shard[1])[self._shard[0]]
                 projector = dict(reg_state["projector"])
-                projector["entries"] = merge_owned_entries(projector["entries"], owned)
+                projector["entries"] = merge_owned_entries(projector["entries"], share)
                 reg_state = {**reg_state, "projector": projector}
         elif self._pending_state is not None:
             reg_state = self._pending_state.get("regularizer")

@@ -249,7 +249,11 @@ class CoMHERegularizer:
         self.family.lr = lr
         cache: dict[str, list[Tensor]] = {}
         groups = self.groups if share is None else tuple(g for g in self.groups if share.get(g.key))
-        self.family.refresh(groups, lambda group: self.group_neurons(group, cache))
+        self.family.share = share
+        try:
+            self.family.refresh(groups, lambda group: self.group_neurons(group, cache))
+        finally:
+            self.family.share = None
 
     def shard_plan(self, world_size: int) -> ShardPlan:
         """The split of the penalty over ``world_size`` ranks (:func:`~lightning_comhe.sharding.plan_shards`).

@@ -7,9 +7,10 @@ the gradient of :math:`W R_r`; DDP's gradient all-reduce averages over ranks, wh
 
 The unit of work (the family's :meth:`~lightning_comhe.energies.EnergyFamily.shard_unit`) is one **(neuron set,
 projection)** pair for Gaussian random projections (``C`` units per set; a rank draws only its own projections),
-one neuron set for MHE, half-space MHE and the expected kernel, and one whole group for learned projections (a
-group's projection is fitted as one tensor, so it has one owner) and structured ones. An MHE set that alone costs
-more than a rank's share (ranks outnumber the sets) is split further into **row blocks** of its pair matrix
+one neuron set for MHE, half-space MHE, the expected kernel and learned projections (a rank fits and evaluates
+only its sets' projections: each set's fit depends on that set alone), and one whole group for structured ones.
+An MHE set that alone costs more than a rank's share (ranks outnumber the sets) is split further into **row
+blocks** of its pair matrix
 (:func:`row_blocks`, computed by ``hyperspherical_energy(rows=...)``), so the share stays about ``1/W``. Each unit's
 cost is modelled in multiply-adds from the shapes alone (:func:`unit_cost`). The units are laid out in a fixed
 order (groups in the regularizer's order, then sets, then projections or rows) and cut into ``W`` contiguous runs of
@@ -84,8 +85,8 @@ def unit_cost(config: EnergyConfig, group: Group) -> float:
     * full-space / half-space MHE, the expected RP kernel, the peers: the Gram :math:`N^2 d` of one set (a row block
       of MHE: its share of the set's pairs, times :data:`ROWS_OVERHEAD`);
     * random projection: one projection of one set, :math:`N d k + N^2 k`;
-    * learned projections: the whole group, :math:`G ((T + 1)(N d k + N^2 k) + N^2 d)` for ``T`` inner steps
-      (``G (T + 2)`` evaluations).
+    * learned projections: one set's fit and energy, :math:`(T + 1)(N d k + N^2 k) + N^2 d` for ``T`` inner steps
+      (``T + 2`` evaluations).
     """
     n, d = group.num_neurons, group.dim
     if group.mode != "projected" or (config.projection_kind == "expected" and config.variant == "random"):
@@ -95,7 +96,7 @@ def unit_cost(config: EnergyConfig, group: Group) -> float:
     if config.variant == "random":
         return projected + UNIT_OVERHEAD
     steps = int(config.steps or 0)
-    return group.num_sets * ((steps + 1) * projected + n * n * d + (steps + 2) * UNIT_OVERHEAD)
+    return (steps + 1) * projected + n * n * d + (steps + 2) * UNIT_OVERHEAD
 
 
 def _pairs(n: int, start: int, stop: int) -> int:
@@ -155,9 +156,7 @@ def _units(groups: Sequence[Group], family: EnergyFamily, world_size: int) -> li
 
 
 def _group_cost(config: EnergyConfig, group: Group, unit: float) -> float:
-    """The cost of a whole group from :func:`unit_cost`'s: learned projections are priced whole already."""
-    if group.mode == "projected" and config.variant in ("angle", "adversarial"):
-        return unit
+    """The cost of a whole group from :func:`unit_cost`'s (a group computed by one rank)."""
     per_set = int(config.num or 1) if group.mode == "projected" and config.variant == "random" else 1
     return unit * group.num_sets * per_set
 

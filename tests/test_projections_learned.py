@@ -318,3 +318,24 @@ def test_a_restored_momentum_optimizer_still_steps_through_the_optimizer():
     proj._optims["k"] = torch.optim.SGD([p], lr=0.2, momentum=0.9)  # not the plain side optimizer
     proj.fit("k", w)
     assert "momentum_buffer" in proj._optims["k"].state[p]
+
+
+@pytest.mark.parametrize("cls", [AngleProjection, AdversarialProjection])
+def test_fitting_some_sets_equals_the_whole_fit_on_them(cls) -> None:
+    """A rank's share: ``fit(..., sets=...)`` updates those sets exactly as a whole fit does, and nothing else."""
+    torch.manual_seed(0)
+    w = torch.randn(4, 6, 10, dtype=torch.float64)
+    whole, part = cls(dim=3, steps=2, seed=1), cls(dim=3, steps=2, seed=1)
+    before_whole = whole.fit("k", w, lr=0.05)
+    part.objective("k", w)  # creates P at its initialization
+    init = part.get_projection("k")
+    before_part = part.fit("k", w, lr=0.05, sets=[3, 1])
+    torch.testing.assert_close(before_part, before_whole[[3, 1]], rtol=1e-12, atol=1e-12)
+    got, ref = part.get_projection("k"), whole.get_projection("k")
+    torch.testing.assert_close(got[[1, 3]], ref[[1, 3]], rtol=1e-12, atol=1e-12)
+    assert torch.equal(got[[0, 2]], init[[0, 2]])
+    p = part.projections("k", w, lr=0.05, sets=[1])
+    torch.testing.assert_close(p, part.projections("k", w, lr=0.05)[[1]], rtol=1e-12, atol=1e-12)
+    for bad in ([1, 1], [4], [], [True]):
+        with pytest.raises(ValueError, match=r"^`sets` must be None or distinct set indices in \[0, 4\), got"):
+            part.fit("k", w, sets=bad)

@@ -92,27 +92,49 @@ def test_the_plan_is_deterministic_complete_and_balanced() -> None:
     assert imbalance([1.0, 1.0]) == 1.0 and imbalance([3.0, 1.0]) == 1.5
 
 
-def test_learned_projections_are_owned_by_one_rank_each() -> None:
+def test_learned_projections_are_owned_set_by_set() -> None:
+    """Every set of a learned group has exactly one owner; a group's sets may be spread over ranks."""
     reg = CoMHERegularizer(_model(), **VARIANTS["angle"])
     plan = reg.shard_plan(3)
     modes = {g.key: g.mode for g in reg.groups}
-    owners: dict[str, list[int]] = {}
+    owners: dict[tuple[str, int], list[int]] = {}
     for rank, share in enumerate(plan):
         for key, parts in share.items():
             if modes[key] == "projected":
-                assert parts == [(-1, 0, 1)]
-            owners.setdefault(key, []).append(rank)
-    projected = [g.key for g in reg.groups if g.mode == "projected"]
-    assert projected and all(len(owners[k]) == 1 for k in projected)
+                assert all(start == 0 and stop == 1 for _, start, stop in parts)
+                for s, _, _ in parts:
+                    owners.setdefault((key, s), []).append(rank)
+    projected = [g for g in reg.groups if g.mode == "projected"]
+    assert projected and sorted(owners) == sorted((g.key, s) for g in projected for s in range(g.num_sets))
+    assert all(len(ranks) == 1 for ranks in owners.values())
 
 
-def test_a_rank_refreshes_only_its_own_learned_groups() -> None:
-    reg = CoMHERegularizer(_model(), **VARIANTS["adversarial"])
-    share = reg.shard_plan(2)[0]
-    reg.refresh(0.1, share)
-    fitted = set(reg.family.projector.keys())
-    projected = {g.key for g in reg.groups if g.mode == "projected"}
-    assert fitted == projected & set(share)
+@pytest.mark.parametrize("name", ["angle", "adversarial"])
+def test_a_rank_fits_only_its_own_sets_and_they_equal_the_whole_fit(name: str) -> None:
+    """Fitting a rank's sets gives those sets exactly the projections of a whole fit; the other sets are not fitted."""
+    whole = CoMHERegularizer(_model(), **VARIANTS[name], seed=3)
+    world = 3
+    ranks = [CoMHERegularizer(_model(), **VARIANTS[name], seed=3) for _ in range(world)]
+    for _ in range(2):  # two refreshes: the fitted state carries over
+        whole.refresh(0.1)
+        for r, reg in enumerate(ranks):
+            reg.refresh(0.1, reg.shard_plan(world)[r])
+    fresh = CoMHERegularizer(_model(), **VARIANTS[name], seed=3)  # P at initialization (nothing fitted)
+    for group in (g for g in whole.groups if g.mode == "projected"):
+        ref = whole.family.projector.get_projection(group.key)
+        init = fresh.family.projector.get_projection(group.key)
+        if init is None:
+            fresh.family.projector.objective(group.key, fresh.group_neurons(group).detach())
+            init = fresh.family.projector.get_projection(group.key)
+        for r, reg in enumerate(ranks):
+            mine = [s for s, _, _ in reg.shard_plan(world)[r].get(group.key, [])]
+            got = reg.family.projector.get_projection(group.key)
+            if not mine:
+                assert got is None  # never touched by this rank
+                continue
+            torch.testing.assert_close(got[mine], ref[mine], rtol=1e-12, atol=1e-12)
+            others = [s for s in range(group.num_sets) if s not in mine]
+            assert torch.equal(got[others], init[others])  # left at their initialization
 
 
 def test_ranks_outnumbering_the_units_get_empty_shares_and_a_zero_penalty() -> None:

@@ -102,6 +102,8 @@ class EnergyFamily:
     Attributes:
         config: The validated :class:`~lightning_comhe.config.EnergyConfig`.
         lr: The main optimizer's learning rate at the last :meth:`refresh` (``None`` if unknown).
+        share: During :meth:`refresh`, the data-parallel rank's share being refreshed (``{group key: parts}``, see
+            :mod:`lightning_comhe.sharding`), or ``None`` for everything.
 
     Example::
 
@@ -134,6 +136,7 @@ class EnergyFamily:
     def __init__(self, config: EnergyConfig) -> None:
         self.config = config
         self.lr: float | None = None
+        self.share: dict[str, list[tuple[int, int, int]]] | None = None
 
     # ------------------------------------------------------------------------------------------------------------
     def hidden_mode(self, n: int, d: int) -> str:

@@ -169,12 +169,33 @@ class LearnedProjectionEnergy(ProjectedFamily):
         return float(self.lr) if self.lr is not None else DEFAULT_INNER_LR
 
     def refresh(self, groups: Sequence[Group], neurons_of: NeuronsOf) -> None:
-        """``inner_steps`` side-optimizer steps on the detached weights of every projected group."""
+        """``inner_steps`` side-optimizer steps on the detached weights of every projected group (a rank: its sets)."""
         lr = self.inner_lr()
         with torch.no_grad():
             fits = [(g, neurons_of(g).detach()) for g in groups if g.mode == "projected"]
         for group, neurons in fits:
-            self.projector.fit(group.key, neurons, lr=lr)
+            self.projector.fit(group.key, neurons, lr=lr, sets=self._sets(group))
+
+    def _sets(self, group: Group, parts: Sequence[tuple[int, int, int]] | None = None) -> list[int] | None:
+        """The sets of ``group`` in ``parts`` (default: the share being refreshed); ``None``: all of them."""
+        parts = parts if parts is not None else (None if self.share is None else self.share.get(group.key))
+        if not parts or parts[0][0] < 0:
+            return None
+        return [s for s, _, _ in parts]
+
+    def shard_unit(self, group: Group) -> str:
+        """Projected groups split per set (each rank fits and evaluates its sets' projections); MHE sets by rows."""
+        return "set" if group.mode == "projected" else super().shard_unit(group)
+
+    def energy_parts(
+        self, group: Group, neurons: Tensor, parts: Sequence[tuple[int, int, int]]
+    ) -> tuple[Tensor, list[int]]:
+        """The half-space energies of the share's sets, after their fitted projections."""
+        sets = self._sets(group, parts)
+        if group.mode != "projected" or sets is None:
+            return super().energy_parts(group, neurons, parts)
+        proj = self.projector.projections(group.key, neurons, lr=self.inner_lr(), sets=sets)
+        return projected_energy(neurons[sets], proj, half_space=True, check_finite=False, **self._kw()), sets
 
     def retain(self, groups: Sequence[Group]) -> None:
         """Fitted projections of groups that are gone or changed shape start afresh (their generators continue)."""

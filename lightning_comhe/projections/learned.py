@@ -37,6 +37,20 @@ def _check_call_lr(lr: Any) -> float:
     return check_float("lr", lr)  # type: ignore[return-value]
 
 
+def _check_sets_arg(sets: list[int] | None, num_sets: int) -> list[int] | None:
+    """``sets`` as given, after checking that it names distinct sets in ``[0, num_sets)``."""
+    if sets is None:
+        return None
+    if (
+        not isinstance(sets, list | tuple)
+        or not sets
+        or len(set(sets)) != len(sets)
+        or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < num_sets for i in sets)
+    ):
+        raise ValueError(f"`sets` must be None or distinct set indices in [0, {num_sets}), got {sets!r}.")
+    return list(sets)
+
+
 class LearnedProjection:
     r"""The base of the learned projections: one learnable ``P`` of shape ``(G, dim, d)`` per key, fitted by SGD.
 
@@ -239,7 +253,7 @@ class LearnedProjection:
         with torch.no_grad():
             return self._objective(neurons.detach(), p.detach())
 
-    def fit(self, key: str, neurons: Tensor, lr: float | None = None) -> Tensor:
+    def fit(self, key: str, neurons: Tensor, lr: float | None = None, sets: list[int] | None = None) -> Tensor:
         """Run ``steps`` side-optimizer steps on the key's ``P`` against the (detached) neurons.
 
         Args:
@@ -247,26 +261,36 @@ class LearnedProjection:
             neurons: ``(G, N, d)``; detached inside, so the model gets no gradient from fitting.
             lr: Learning rate ``>= 0`` for this call only (the official code uses the model's current learning rate,
                 which a warmup may make 0: the steps then leave ``P`` as it is); the configured ``lr`` when ``None``.
+            sets: Fit only these sets' projections (a data-parallel rank's share): the objective and the update of
+                one set depend on that set alone, so they equal a whole fit's. ``None``: all.
 
         Returns:
-            The inner objective per set ``(G,)``, detached, measured **before** the steps (at the ``P`` the call
-            started from), like the official training loop's logged value.
+            The inner objective per fitted set (``(G,)``, or ``(len(sets),)``), detached, measured **before** the
+            steps (at the ``P`` the call started from), like the official training loop's logged value.
 
         Raises:
-            ValueError: For bad ``neurons``, ``key`` or ``lr``.
+            ValueError: For bad ``neurons``, ``key``, ``lr`` or ``sets``.
         """
         lr_now = self.lr if lr is None else _check_call_lr(lr)
         p, opt = self._entry(key, neurons)
         w = neurons.detach()
+        index = _check_sets_arg(sets, p.shape[0])
         if self.steps == 0:
             with torch.no_grad():
-                return self._objective(w, p.detach())
-        if not is_plain_sgd(opt, p):  # a restored optimizer that is not plain SGD on P: let it step
-            return optimizer_steps(p, w, self._objective, opt, self.steps, lr_now)
+                return self._objective(w if index is None else w[index], p.detach() if index is None else p[index])
+        if not is_plain_sgd(opt, p):  # a restored optimizer that is not plain SGD on P: it steps all of P
+            before = optimizer_steps(p, w, self._objective, opt, self.steps, lr_now)
+            return before if index is None else before[index]
         w = w.to(compute_dtype(w))
-        return sgd_steps(p, w, self._fit_context(w), self._value_and_grad, opt, self.steps, lr_now)
+        if index is None:
+            return sgd_steps(p, w, self._fit_context(w), self._value_and_grad, opt, self.steps, lr_now)
+        part, w = p.detach()[index].clone(), w[index]
+        before = sgd_steps(part, w, self._fit_context(w), self._value_and_grad, opt, self.steps, lr_now)
+        with torch.no_grad():
+            p[index] = part
+        return before
 
-    def projections(self, key: str, neurons: Tensor, lr: float | None = None) -> Tensor:
+    def projections(self, key: str, neurons: Tensor, lr: float | None = None, sets: list[int] | None = None) -> Tensor:
         r"""The projections to feed ``projected_energy(neurons, P, half_space=True)``.
 
         With ``lookahead="none"`` this is a copy of ``P`` (the model's optimizer never updates it). Otherwise it is
@@ -283,16 +307,19 @@ class LearnedProjection:
             neurons: ``(G, N, d)``, the live (differentiable) neurons.
             lr: The look-ahead step :math:`\eta \ge 0` (official: the model's current learning rate; 0 gives ``P``
                 itself); the configured ``lr`` when ``None``.
+            sets: Only these sets' projections (``neurons`` still holds all ``G`` sets). ``None``: all.
 
         Returns:
-            ``(G, 1, dim, d)``.
+            ``(G, 1, dim, d)``, or ``(len(sets), 1, dim, d)``.
 
         Raises:
             ValueError: For bad ``neurons``, ``key`` or ``lr``.
         """
         eta = self.lr if lr is None else _check_call_lr(lr)
         p, _ = self._entry(key, neurons)
-        base = p.detach().clone()
+        index = _check_sets_arg(sets, p.shape[0])
+        base = p.detach().clone() if index is None else p.detach()[index]
+        neurons = neurons if index is None else neurons[index]
         if self.lookahead == "none" or eta == 0.0:
             return base[:, None]
         sign = 1.0 if self._maximize else -1.0
