@@ -1,77 +1,182 @@
-r"""A penalty split across FSDP2 ranks: weights gathered as local leaves, shares' gradients reduce-scattered.
+r"""A penalty read from sharded weights (FSDP2, DeepSpeed ZeRO-3): gathered one group at a time. Pure PyTorch.
 
-Pure PyTorch (DeepSpeed only for its ZeRO-3 parameters). DeepSpeed ZeRO-3 uses the same leaves: its parameters are
-empty placeholders outside their module's forward, so every penalized step gathers them
-(``deepspeed.zero.GatheredParameters``), and the gradients with respect to the leaves are delivered during the
-backward as under DDP; ZeRO-3 then averages them over the ranks into its partitions.
+Under FSDP2 every weight is a ``DTensor`` shard and under DeepSpeed ZeRO-3 an empty placeholder outside its
+module's forward. The penalty's neurons are read from full copies, gathered (a collective) as local leaves, and
+**one group's weights at a time**: the leaves of a group are freed once that group's term has been differentiated,
+so no rank ever holds more than one group's full weights (never the whole model).
 
-Under FSDP2 every weight is a ``DTensor`` shard and the neurons are read from ``full_tensor()`` (an all-gather).
-Every rank computing the whole penalty makes ``full_tensor``'s default backward right (each rank keeps its chunk
-of an identical gradient), but a rank that computes only its share :math:`R_r` must *sum* the ranks' gradients:
+Every rank computes only its share :math:`R_r` (``shard=True``), but every rank must join every gather. So the
+groups are gathered in one fixed order, the same on every rank (:class:`GatheredWeights` ``units``), whatever
+share a rank reads:
 
-1. inside :class:`GatheredWeights`, :func:`lightning_comhe._extractors.full` gathers each ``DTensor`` once, as a
-   detached leaf, in the order the neurons are read; the caller reads every group's neurons on every rank, so the
-   all-gathers are the same collectives in the same order on every rank;
-2. :meth:`GatheredWeights.shard_gradients` differentiates :math:`R_r` with respect to those local leaves (no
-   collective), then reduce-scatters each full gradient into the parameter's placement, summing over ranks
-   (``Partial`` → the parameter's ``Shard``), leaf by leaf in gathering order. The result, on every rank, is its
-   shard of :math:`\nabla \sum_r R_r = \nabla R`: added after FSDP2's own reduce-scatter, nothing is rescaled.
+1. :meth:`GatheredWeights.full` gathers, on first use, the group that holds a weight, and first every group before
+   it that this rank skipped (their gathers are collectives too; they are freed at once);
+2. :meth:`GatheredWeights.settle` is called for every group in order, with this rank's term of it (``None`` if its
+   share has none): it differentiates the term with respect to the group's leaves (no collective), reduces the
+   gradients over the ranks, keeps this rank's piece, and frees the leaves;
+3. :meth:`GatheredWeights.phase` wraps a refresh: after one that read the neurons it gathers what is left, so that
+   the next pass starts from the first group on every rank.
+
+The pieces kept are 1/W of the gradient: under FSDP2 the parameter's ``DTensor`` shard of
+:math:`\nabla \sum_r R_r` (``Partial`` → its placement: a reduce-scatter), added after FSDP2's own reduce-scatter;
+under ZeRO-3 this rank's partition slice of it (an all-reduce, then the slice), which
+:class:`ZeroPartitionGradient` delivers in the backward, while the parameter holds its full gradient, just before
+ZeRO-3 reduce-scatters and averages that gradient into the partitions.
 """
 
 import contextvars
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-__all__ = ["GatheredWeights", "gather_zero3", "gathered", "is_zero3", "mesh_covers_world"]
+__all__ = ["GatheredWeights", "ZeroPartitionGradient", "gather_zero3", "gathered", "is_zero3", "mesh_covers_world"]
 
 _ACTIVE: contextvars.ContextVar["GatheredWeights | None"] = contextvars.ContextVar("comhe_gathered", default=None)
 
 
-class GatheredWeights:
-    """The ``DTensor`` weights gathered during one penalized step, each as a local leaf that requires grad."""
+class ZeroPartitionGradient:
+    r"""This rank's slice of a ZeRO-3 parameter's penalty gradient, delivered into its full gradient in the backward.
 
-    def __init__(self) -> None:
-        self._leaves: dict[int, tuple[Tensor, Tensor]] = {}  # id(DTensor) -> (DTensor, local full leaf)
+    ZeRO-3 averages the full gradients of the ``W`` ranks into their partitions; rank ``r`` adds ``W`` times its
+    slice, at its partition's place (zeros elsewhere), so that the average holds exactly the slice.
+    """
+
+    def __init__(self, piece: Tensor, rank: int, world: int, shape: torch.Size) -> None:
+        self.piece, self.rank, self.world, self.shape = piece, rank, world, shape
+
+    def __call__(self, grad: Tensor) -> Tensor:
+        """The addend of ``grad`` (the parameter's full gradient, of shape ``ds_shape``)."""
+        size = self.piece.numel()
+        flat = grad.new_zeros(size * self.world)
+        flat[self.rank * size : (self.rank + 1) * size] = self.piece.to(grad.dtype) * self.world
+        return flat[: grad.numel()].view_as(grad)
+
+    def add_(self, other: "ZeroPartitionGradient") -> "ZeroPartitionGradient":
+        """Add another piece of the same parameter (a parameter read by two groups)."""
+        self.piece = self.piece + other.piece
+        return self
+
+
+class GatheredWeights:
+    """The sharded weights of one penalized step, gathered as local leaves one unit (a group's weights) at a time.
+
+    Args:
+        units: The weights of each group, in group order (the same on every rank).
+        summed: Whether each rank's terms are its share of the penalty, whose gradients are summed over the ranks
+            (``shard=True``); else every rank computes the whole penalty and keeps its piece of its own gradient.
+    """
+
+    #: The most elements any instance held at once in this process (a diagnostic; tests reset it to 0).
+    high_water: ClassVar[int] = 0
+
+    def __init__(self, units: Sequence[Sequence[Tensor]] = (), summed: bool = True) -> None:
+        self._units = [list(u) for u in units]
+        self._summed = summed
+        self._next = 0  # the next unit to gather
+        self._index = -1  # the unit held now
+        self._leaves: dict[int, tuple[Tensor, Tensor]] = {}  # id(weight) -> (weight, local full leaf)
+        self._pieces: dict[int, tuple[Tensor, object]] = {}  # id(weight) -> (weight, its piece of the gradient)
+        self._locked = False
+        #: Applied to each term before it is differentiated (the lazy / DDP factor, the loss scale).
+        self.scale: Callable[[Tensor], Tensor] = lambda term: term
+        #: The most elements held as gathered leaves at once (one group's weights).
+        self.peak = 0
 
     def full(self, t: Tensor) -> Tensor:
-        """The gathered leaf of the ``DTensor`` or ZeRO-3 parameter ``t`` (gathered on first use; a collective then)."""
+        """The gathered leaf of the ``DTensor`` or ZeRO-3 parameter ``t`` (gathering its unit: collectives)."""
         entry = self._leaves.get(id(t))
-        if entry is None:
-            full = gather_zero3(t) if is_zero3(t) else t.detach().full_tensor()
-            entry = self._leaves[id(t)] = (t, full.requires_grad_(t.requires_grad))
-        return entry[1]
+        if entry is not None:
+            return entry[1]
+        if self._locked:
+            raise RuntimeError(
+                "A sharded weight was read where no rank gathers (an energy family's refresh that reads the neurons "
+                "must set `refresh_reads = True`)."
+            )
+        target = next((i for i in range(self._next, len(self._units)) if any(p is t for p in self._units[i])), None)
+        if target is None:  # not in the plan (e.g. a tensor computed from the weights): gathered ad hoc, as it is
+            self._add_leaf(t)
+        else:
+            while self._next <= target:
+                self._gather(self._next)
+        return self._leaves[id(t)][1]
+
+    def _add_leaf(self, t: Tensor) -> None:
+        full = gather_zero3(t) if is_zero3(t) else t.detach().full_tensor()
+        self._leaves[id(t)] = (t, full.requires_grad_(t.requires_grad))
+        self.peak = max(self.peak, sum(leaf.numel() for _, leaf in self._leaves.values()))
+        GatheredWeights.high_water = max(GatheredWeights.high_water, self.peak)
+
+    def _gather(self, index: int) -> None:
+        self._leaves.clear()
+        for t in self._units[index]:
+            self._add_leaf(t)
+        self._index, self._next = index, index + 1
 
     def __len__(self) -> int:
         return len(self._leaves)
 
-    def shard_gradients(self, penalty: Tensor) -> list[tuple[Tensor, Tensor]]:
-        """``(DTensor parameter, its shard of ∇ Σ_r penalty_r)`` for every gathered leaf that requires grad.
+    def settle(self, index: int, term: Tensor | None) -> None:
+        """Group ``index``'s ``term`` on this rank (``None``: none): keep this rank's piece of its gradient, free it.
 
-        All ranks must call it together, with their own share as ``penalty``: one reduce-scatter per leaf, in
-        gathering order (zeros where this rank's share does not reach the leaf).
+        All ranks must call it for every group, in order: one reduction per weight of the group.
         """
-        from torch.distributed.tensor import DTensor, Partial
-
+        if self._index != index:  # this rank read none of it: join its gather all the same
+            while self._next <= index:
+                self._gather(self._next)
         pairs = [(p, leaf) for p, leaf in self._leaves.values() if leaf.requires_grad]
-        if not pairs:
-            return []
-        if penalty.requires_grad:
-            grads = torch.autograd.grad(penalty, [leaf for _, leaf in pairs], allow_unused=True)
-        else:
-            grads = (None,) * len(pairs)
-        out = []
+        grads: Sequence[Tensor | None] = (None,) * len(pairs)
+        if pairs and term is not None and term.requires_grad:
+            grads = torch.autograd.grad(self.scale(term), [leaf for _, leaf in pairs], allow_unused=True)
         for (p, leaf), g in zip(pairs, grads, strict=True):
-            g = torch.zeros_like(leaf) if g is None else g
-            if is_zero3(p):  # ZeRO-3 reduces (averages) the full gradient into its partitions itself
-                out.append((p, g))
-                continue
-            mesh = p.device_mesh
-            partial = DTensor.from_local(g, mesh, [Partial()] * mesh.ndim, run_check=False)
-            out.append((p, partial.redistribute(mesh, p.placements)))
-        return out
+            piece = self._piece(p, torch.zeros_like(leaf) if g is None else g)
+            held = self._pieces.get(id(p))
+            if held is not None:  # a weight read by two groups
+                piece = held[1].add_(piece) if isinstance(piece, ZeroPartitionGradient) else held[1] + piece
+            self._pieces[id(p)] = (p, piece)
+        self._leaves.clear()
+        self._index = -1
+
+    def _piece(self, p: Tensor, g: Tensor) -> object:
+        if is_zero3(p):
+            group = getattr(p, "ds_process_group", None)
+            world = torch.distributed.get_world_size(group)
+            rank = torch.distributed.get_rank(group)
+            size = p.ds_tensor.numel()
+            flat = g.new_zeros(size * world)
+            flat[: g.numel()] = g.reshape(-1)
+            if self._summed:
+                torch.distributed.all_reduce(flat, group=group)
+            return ZeroPartitionGradient(flat[rank * size : (rank + 1) * size].clone(), rank, world, p.ds_shape)
+        from torch.distributed.tensor import DTensor, Partial, Replicate
+
+        mesh = p.device_mesh
+        placement = Partial() if self._summed else Replicate()
+        return DTensor.from_local(g, mesh, [placement] * mesh.ndim, run_check=False).redistribute(mesh, p.placements)
+
+    @contextmanager
+    def phase(self, reads: bool) -> Iterator[None]:
+        """A pass over the groups that only reads (a refresh), with every rank joining every gather.
+
+        ``reads=True``: after it, the groups this rank did not reach are gathered (every rank must join) and freed,
+        and the next pass starts from the first group. ``reads=False``: no rank gathers; a read raises.
+        """
+        self._locked = not reads
+        try:
+            yield
+        finally:
+            self._locked = False
+        if reads:
+            while self._next < len(self._units):
+                self._gather(self._next)
+            self._leaves.clear()
+            self._next, self._index = 0, -1
+
+    def shard_gradients(self) -> list[tuple[Tensor, object]]:
+        """``(weight, its piece)`` for every weight settled: a ``DTensor`` shard or a :class:`ZeroPartitionGradient`."""
+        return list(self._pieces.values())
 
 
 def is_zero3(t: Tensor) -> bool:
@@ -88,12 +193,12 @@ def gather_zero3(t: Tensor) -> Tensor:
 
 
 @contextmanager
-def gathered() -> Iterator[GatheredWeights]:
-    """A context in which :func:`lightning_comhe._extractors.full` reads ``DTensor`` weights as local leaves.
+def gathered(units: Sequence[Sequence[Tensor]] = (), summed: bool = True) -> Iterator[GatheredWeights]:
+    """A context in which :func:`lightning_comhe._extractors.full` reads sharded weights as local leaves.
 
-    It yields the :class:`GatheredWeights` that gathers them.
+    It yields the :class:`GatheredWeights` (of ``units`` and ``summed``) that gathers them.
     """
-    weights = GatheredWeights()
+    weights = GatheredWeights(units, summed)
     token = _ACTIVE.set(weights)
     try:
         yield weights

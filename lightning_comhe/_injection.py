@@ -37,14 +37,17 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["GradientInjection"]
+__all__ = ["Delivery", "GradientInjection"]
+
+#: A gradient given as a function of the parameter's incoming gradient, which returns the addend.
+Delivery = Callable[[Tensor], Tensor]
 
 
 class GradientInjection:
     """One armed penalty at a time: :meth:`arm` before the loss's backward, :meth:`finish` after it."""
 
     def __init__(self) -> None:
-        self._pending: dict[int, tuple[Tensor, Tensor]] = {}
+        self._pending: dict[int, tuple[Tensor, Tensor | Delivery]] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._scale: Tensor | None = None
 
@@ -82,11 +85,13 @@ class GradientInjection:
             grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
         self.arm_gradients(loss, [(p, g) for p, g in zip(params, grads, strict=True) if g is not None])
 
-    def arm_gradients(self, loss: Tensor, gradients: Sequence[tuple[Tensor, Tensor]]) -> None:
+    def arm_gradients(self, loss: Tensor, gradients: Sequence[tuple[Tensor, Tensor | Delivery]]) -> None:
         """Deliver already computed ``(parameter, gradient)`` pairs during ``loss``'s coming backward pass.
 
-        :meth:`arm` computes the pairs itself; a penalty split across FSDP2 ranks brings its reduce-scattered ones
-        (:class:`lightning_comhe._gathered.GatheredWeights`).
+        :meth:`arm` computes the pairs itself; a penalty read from sharded weights brings its reduced ones
+        (:class:`lightning_comhe._gathered.GatheredWeights`). A gradient may be a :data:`Delivery` instead: a
+        function of the parameter's incoming gradient that returns the addend (a ZeRO-3 partition's slice, placed
+        in the full gradient); it can only be delivered by the backward pass.
 
         Raises:
             ValueError: If ``loss`` does not require grad.
@@ -110,10 +115,11 @@ class GradientInjection:
             return 1.0
         return self._scale.to(device=like.device, dtype=like.dtype)
 
-    def _adder(self, p: Tensor, g: Tensor):  # noqa: ANN202 - a hook closure
+    def _adder(self, p: Tensor, g: Tensor | Delivery):  # noqa: ANN202 - a hook closure
         def hook(grad: Tensor) -> Tensor:
             self._pending.pop(id(p), None)
-            return grad + (self._factor(grad) * g).to(grad.dtype)
+            addend = g(grad) if callable(g) else g
+            return grad + (self._factor(grad) * addend).to(grad.dtype)
 
         return hook
 
@@ -125,10 +131,11 @@ class GradientInjection:
                 all-reduce that a sharded penalty needs where the strategy's own gradient all-reduce is over).
         """
         for p, g in self._pending.values():
-            if p.shape != g.shape:  # a placeholder (DeepSpeed ZeRO-3) whose gradient lives in the engine's partitions
+            if callable(g) or p.shape != g.shape:  # a ZeRO-3 placeholder: its gradient lives in the partitions
                 self.cancel()
                 raise RuntimeError(
-                    f"The CoMHE penalty's gradient of shape {tuple(g.shape)} could not be delivered: the parameter "
+                    f"The CoMHE penalty's gradient{'' if callable(g) else f' of shape {tuple(g.shape)}'} could not "
+                    "be delivered: the parameter "
                     f"(shape {tuple(p.shape)}) was not reached by the loss's backward pass, and its gradient is kept "
                     "by the strategy (DeepSpeed ZeRO-3). HINT: regularize only layers that the loss uses "
                     "(`CoMHE(exclude=...)`), or use ZeRO stage 1 or 2."

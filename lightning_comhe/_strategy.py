@@ -19,6 +19,7 @@ __all__ = [
     "gathering",
     "merge_owned_entries",
     "optimizer_step_index",
+    "penalty_scale",
     "penalty_shard",
     "totals_over_ranks",
 ]
@@ -81,9 +82,9 @@ class PenaltyShard(NamedTuple):
     Attributes:
         rank: The rank.
         world: The world size ``W``.
-        scatter: FSDP2: each share's gradient is reduce-scattered into the weights' shards and added after FSDP2's
-            own reduce-scatter (:mod:`lightning_comhe._gathered`). DDP (``False``): each rank adds ``∇(W·R_r)``
-            before DDP's all-reduce, which averages.
+        scatter: FSDP2 and DeepSpeed ZeRO-3: the shares' gradients are summed over the ranks into each rank's
+            shard or partition slice, one group at a time (:mod:`lightning_comhe._gathered`). DDP and ZeRO-1/2
+            (``False``): each rank adds ``∇(W·R_r)`` before the strategy's all-reduce, which averages.
     """
 
     rank: int
@@ -94,8 +95,9 @@ class PenaltyShard(NamedTuple):
 def penalty_shard(trainer: "pl.Trainer", shard: bool, shardable: bool, params: Sequence[Tensor]) -> PenaltyShard | None:
     """This rank's :class:`PenaltyShard` when this step's penalty is split across ranks (``CoMHE(shard=True)``).
 
-    DDP and DeepSpeed ZeRO-1/2/3 (a ``DDPStrategy``): the gradient hooks add ``∇(W·R_r)`` before the strategy
-    averages the gradients over the ranks (DDP's reducer, ZeRO's reduction hooks). ``None`` (every rank computes
+    DDP and DeepSpeed ZeRO-1/2 (a ``DDPStrategy``): the gradient hooks add ``∇(W·R_r)`` before the strategy
+    averages the gradients over the ranks (DDP's reducer, ZeRO's reduction hooks); under ZeRO-3 the shares'
+    gradients are summed first (``scatter``). ``None`` (every rank computes
     the whole penalty) in one process, for families that keep per-group state on every rank, and under
     ``ModelParallelStrategy`` unless every weight read is an FSDP2 ``DTensor`` on a mesh of all ranks
     (tensor-parallel or plain weights: not split).
@@ -111,25 +113,37 @@ def penalty_shard(trainer: "pl.Trainer", shard: bool, shardable: bool, params: S
         return PenaltyShard(trainer.global_rank, trainer.world_size, True)
     if not isinstance(strategy, DDPStrategy):
         return None
-    return PenaltyShard(trainer.global_rank, trainer.world_size, False)
+    # ZeRO-3: the shares' gradients are summed over the ranks, and each rank delivers its partition's slice
+    return PenaltyShard(trainer.global_rank, trainer.world_size, any(is_zero3(p) for p in params))
 
 
 @contextmanager
-def gathering(
-    shard: PenaltyShard | None, params: Sequence[Tensor], read_all: Callable[[], object]
-) -> Iterator[GatheredWeights | None]:
-    """The context of one penalized step, in which the weights may be gathered as local leaves.
+def gathering(shard: PenaltyShard | None, regularizer: Any) -> Iterator[GatheredWeights | None]:
+    """The context of one penalized step, in which sharded weights are gathered one group at a time.
 
     They are gathered under a scattered (FSDP2) shard, and always for DeepSpeed ZeRO-3 parameters (empty placeholders
-    outside their forward). ``read_all`` reads every group's neurons, so that every rank issues the same all-gathers
-    in the same order. ``None`` is yielded (and nothing gathered) otherwise.
+    outside their forward), group by group in the regularizer's group order (:class:`GatheredWeights`). ``None`` is
+    yielded (and nothing gathered) otherwise.
     """
-    if (shard is None or not shard.scatter) and not any(is_zero3(p) for p in params):
+    if (shard is None or not shard.scatter) and not any(is_zero3(p) for p in regularizer.parameters()):
         yield None
         return
-    with gathered() as weights:
-        read_all()
+    units = [regularizer.parameters(group) for group in regularizer.groups]
+    with gathered(units, summed=shard is not None) as weights:
         yield weights
+
+
+def penalty_scale(factor: int, scaler: Any = None) -> Callable[[Tensor], Tensor]:
+    """What a penalty (or a group's term) enters the backward as: ``× factor``, then ``scaler.scale`` (if any).
+
+    ``scaler`` is the precision plugin's ``GradScaler``.
+    """
+
+    def scale(term: Tensor) -> Tensor:
+        term = term * factor if factor > 1 else term
+        return term if scaler is None else scaler.scale(term)
+
+    return scale
 
 
 def all_reduce_sum(t: Tensor) -> Tensor:

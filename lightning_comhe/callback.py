@@ -6,6 +6,7 @@ computed and *how* it enters the backward pass under every precision and optimiz
 """
 
 import inspect
+from contextlib import nullcontext
 from dataclasses import asdict
 from typing import Any, Literal
 
@@ -26,6 +27,7 @@ from lightning_comhe._strategy import (
     gathering,
     merge_owned_entries,
     optimizer_step_index,
+    penalty_scale,
     penalty_shard,
     totals_over_ranks,
 )
@@ -321,23 +323,23 @@ class CoMHE(Callback):
                 f"CoMHE(shard=True) has no effect under {type(trainer.strategy).__name__} with variant "
                 f"{self.variant!r}: every rank computes the whole penalty (docs/strategies/ddp.md)."
             )
-        read_all = lambda: [regularizer.group_neurons(g) for g in regularizer.groups]  # noqa: E731
-        with gathering(shard, regularizer.parameters(), read_all) as weights:
+        with gathering(shard, regularizer) as weights:  # sharded weights (FSDP2, ZeRO-3): one group at a time
             if refresh:
-                regularizer.refresh(self._current_lr(trainer, regularizer), self._share(regularizer))
+                with nullcontext() if weights is None else weights.phase(reads=regularizer.family.refresh_reads):
+                    regularizer.refresh(self._current_lr(trainer, regularizer), self._share(regularizer))
             if not timing.penalize(step, batch_index(trainer)):
                 return  # a later micro-batch (or `manual_backward`) of the step: its first backward has the penalty
-            out = regularizer.compute(self._share(regularizer))
-            # lazy ×m; under DDP a share R_r counts ×W (DDP averages); FSDP2 sums the shares' gradients instead
+            # lazy ×m; under DDP a share R_r counts ×W (DDP averages); FSDP2 / ZeRO-3 sum the shares' gradients
             factor = timing.factor * (shard.world if shard is not None and not shard.scatter else 1)
-            added = out.penalty * factor if factor > 1 else out.penalty
-            scaler = getattr(trainer.precision_plugin, "scaler", None)
-            if scaler is not None:
-                added = scaler.scale(added)
+            scale = penalty_scale(factor, getattr(trainer.precision_plugin, "scaler", None))
             if weights is not None:
-                self._injection.arm_gradients(loss, weights.shard_gradients(added))
+                weights.scale = scale
+            if weights is not None:  # each group's term is differentiated as soon as it is computed
+                out = regularizer.compute(self._share(regularizer), on_group=weights.settle)
+                self._injection.arm_gradients(loss, weights.shard_gradients())
             else:
-                self._injection.arm(loss, added, regularizer.parameters(), materialize=shard is not None)
+                out = regularizer.compute(self._share(regularizer))
+                self._injection.arm(loss, scale(out.penalty), regularizer.parameters(), materialize=shard is not None)
         self._log(pl_module, regularizer, out, log_energies=(step // timing.factor) % self.log_every == 0)
 
     def _share(self, regularizer: CoMHERegularizer) -> Any:

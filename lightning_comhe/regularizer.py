@@ -32,6 +32,7 @@ treatment are stacked into one group and computed together in batched matmuls.
 """
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -228,11 +229,10 @@ class CoMHERegularizer:
         """The current ``(G, N, d)`` neurons of ``group`` (differentiable); ``cache`` shares layer extractions."""
         return self._layers.group_neurons(group, cache)
 
-    def parameters(self) -> list[Tensor]:
-        """The distinct tensors the penalty is read from (weights, or their direction parameters), in layer order."""
-        return self._layers.parameters()
+    def parameters(self, group: Group | None = None) -> list[Tensor]:
+        """The distinct tensors the penalty (or ``group``) is read from (weights or their direction parameters)."""
+        return self._layers.parameters(group)
 
-    # ------------------------------------------------------------------------------------------------------------
     def refresh(self, lr: float | None = None, share: dict[str, list[Part]] | None = None) -> None:
         """Prepare the energy for the next optimizer step; call it once per step, before :meth:`__call__`.
 
@@ -247,11 +247,10 @@ class CoMHERegularizer:
         check_float("lr", lr, allow_none=True)
         self._refreshes += 1
         self.family.lr = lr
-        cache: dict[str, list[Tensor]] = {}
         groups = self.groups if share is None else tuple(g for g in self.groups if share.get(g.key))
         self.family.share = share
-        try:
-            self.family.refresh(groups, lambda group: self.group_neurons(group, cache))
+        try:  # no extraction is kept across groups: gathered weights (ZeRO-3, FSDP2) are freed group by group
+            self.family.refresh(groups, self.group_neurons)
         finally:
             self.family.share = None
 
@@ -269,26 +268,38 @@ class CoMHERegularizer:
         r"""Compute the penalty :math:`\sum_s \kappa_s E_s` and the per-layer energies."""
         return self.compute()
 
-    def compute(self, share: dict[str, list[Part]] | None = None) -> RegularizerOutput:
+    def compute(
+        self,
+        share: dict[str, list[Part]] | None = None,
+        on_group: Callable[[int, Tensor | None], None] | None = None,
+    ) -> RegularizerOutput:
         r"""Compute the penalty and per-layer energies (see the class docstring). Differentiable.
 
         Args:
             share: A rank's share of :meth:`shard_plan`: only its parts are computed. The penalty is then that
                 rank's :math:`R_r` (:math:`\sum_r R_r = R`), and each energy the share's contribution to the layer's
                 mean (the sum over ranks is the mean).
+            on_group: ``on_group(i, term)`` after each group ``i``'s term (``None``: not in the share), in order;
+                it takes the term's gradient (:class:`~lightning_comhe._gathered.GatheredWeights`). The penalty is
+                then detached.
         """
         cache: dict[str, list[Tensor]] = {}
         penalty: Tensor | None = None
         per_layer: dict[str, list[Tensor]] = {}
-        for group in self.groups:
-            sets = None
+        for index, group in enumerate(self.groups):
+            sets, cache = None, {} if on_group is not None else cache
             if share is None:
                 energy = self.family.energy(group, self.group_neurons(group, cache))  # (G,)
             elif share.get(group.key):
                 energy, sets = self.family.energy_parts(group, self.group_neurons(group, cache), share[group.key])
             else:
+                if on_group is not None:
+                    on_group(index, None)
                 continue
             term = energy.sum() * group.kappa
+            if on_group is not None:
+                on_group(index, term)
+                term = term.detach()
             # weights on several devices (model or pipeline parallelism): the total lives on the first group's
             penalty = term if penalty is None else penalty + term.to(penalty.device)
             detached = energy.detach()

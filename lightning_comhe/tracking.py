@@ -79,10 +79,18 @@ class TrackedLayers:
             parts.append(cache[m.layer][m.tensor_index])
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 
-    def parameters(self) -> list[Tensor]:
-        """The distinct tensors the neurons are read from (weights, or their direction parameters), in layer order."""
+    def parameters(self, group: Group | None = None) -> list[Tensor]:
+        """The distinct tensors the neurons are read from (weights, or their direction parameters), in layer order.
+
+        With ``group``: those of its layers only.
+        """
+        layers = (
+            self.selection.layers
+            if group is None
+            else [self._by_name[n] for n in dict.fromkeys(m.layer for m in group.members)]
+        )
         seen: dict[int, Tensor] = {}
-        for layer in self.selection.layers:
+        for layer in layers:
             for t in layer.weights():
                 seen.setdefault(id(t), t)
         return list(seen.values())

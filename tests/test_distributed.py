@@ -102,6 +102,8 @@ DEEPSPEED_CONFIGS = [
     {**_config("zero3_random", "random"), "stage": 3},
     {**_config("zero3_angle", "angle"), "stage": 3},
     {**_config("zero3_half_mhe_unsharded", "half_mhe"), "stage": 3, "unsharded": True},
+    # a ZeRO-3 checkpoint after step 2 (of 4), resumed into a fresh engine and callback
+    {**_config("zero3_adversarial_resume", "adversarial"), "stage": 3, "resume_at": 2},
 ]
 for _c in DEEPSPEED_CONFIGS:
     if _c.get("unsharded"):
@@ -314,6 +316,8 @@ def test_fsdp2_matches_data_parallel_reference(config: dict, fsdp2_results: dict
     """FSDP2 on CPU: ``ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)`` + ``fully_shard``."""
     results = fsdp2_results[config["name"]]
     assert all(r["sharded"] for r in results)  # the weights really were DTensors during training
+    if results[0]["shard"] is not None:  # a split penalty gathers one group's weights at a time (64 of 136)
+        assert all(0 < r["gathered_peak"] <= 64 < r["regularized_numel"] == 136 for r in results)
     _check(results, config)
 
 
@@ -344,9 +348,18 @@ def test_deepspeed_zero_matches_reference(config: dict, deepspeed_results: dict)
     assert all(r["engine"] == "DeepSpeedEngine" and r["zero_stage"] == config["stage"] for r in results)
     assert all(r["zero3_partitioned"] == (config["stage"] == 3) for r in results)  # ZeRO-3 really partitioned
     # the penalty split across the ranks (or, with shard=False, computed whole on every rank)
+    # (ZeRO-3: the shares' gradients are summed over the ranks into each rank's partition slice, "scatter")
+    stage3 = config["stage"] == 3
     assert [r["shard"] for r in results] == (
-        [None, None] if config.get("unsharded") else [(0, 2, False), (1, 2, False)]
+        [None, None] if config.get("unsharded") else [(0, 2, stage3), (1, 2, stage3)]
     )
+    if stage3:  # one group's weights gathered at a time, never all of them (TinyMLP: 8x6, 8x8 and 3x8 layers)
+        assert all(0 < r["gathered_peak"] <= 64 < r["regularized_numel"] == 136 for r in results)
+    if config.get("resume_at"):  # resumed from the checkpoint into a fresh engine: bit-exact
+        for r in results:
+            for k, v in r["weights"].items():
+                assert torch.equal(r["resumed"]["weights"][k], v), f"{k} differs after resuming"
+            assert_nested_equal(r["resumed"]["callback_state"], r["callback_state"])
     tol = {"dtype": torch.float32, "atol": 1e-5, "rtol": 1e-4}
     if config["accumulate"] == 1:
         _check(results, config, **tol)

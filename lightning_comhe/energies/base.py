@@ -132,6 +132,9 @@ class EnergyFamily:
     #: Whether the penalty may be split across data-parallel ranks (:mod:`lightning_comhe.sharding`): a family
     #: whose refresh keeps state for every group on every rank (e.g. SRIP's power iterations) says ``False``.
     shardable: ClassVar[bool] = True
+    #: Whether :meth:`refresh` reads the neurons: a strategy that must gather the weights for it (DeepSpeed ZeRO-3,
+    #: FSDP2) gathers them only then.
+    refresh_reads: ClassVar[bool] = False
 
     def __init__(self, config: EnergyConfig) -> None:
         self.config = config

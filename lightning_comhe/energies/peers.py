@@ -43,6 +43,7 @@ class SpectralRestrictedIsometry(_Peer):
     r"""``"srip"``: :math:`\sigma(G - I)` (or :math:`\sigma^2`) with persistent power-iteration vectors."""
 
     name = "srip"
+    refresh_reads = True  # the power iterations run on the neurons
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

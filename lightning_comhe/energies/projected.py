@@ -149,6 +149,7 @@ class LearnedProjectionEnergy(ProjectedFamily):
 
     name = "angle"
     uses_lr = True
+    refresh_reads = True
 
     def __init__(self, config: EnergyConfig) -> None:
         super().__init__(config)
@@ -171,9 +172,11 @@ class LearnedProjectionEnergy(ProjectedFamily):
     def refresh(self, groups: Sequence[Group], neurons_of: NeuronsOf) -> None:
         """``inner_steps`` side-optimizer steps on the detached weights of every projected group (a rank: its sets)."""
         lr = self.inner_lr()
-        with torch.no_grad():
-            fits = [(g, neurons_of(g).detach()) for g in groups if g.mode == "projected"]
-        for group, neurons in fits:
+        for group in groups:  # one group's neurons at a time (gathered weights are freed group by group)
+            if group.mode != "projected":
+                continue
+            with torch.no_grad():
+                neurons = neurons_of(group).detach()
             self.projector.fit(group.key, neurons, lr=lr, sets=self._sets(group))
 
     def _sets(self, group: Group, parts: Sequence[tuple[int, int, int]] | None = None) -> list[int] | None:

@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for `tests` and the package
 
 from lightning_comhe import CoMHE  # noqa: E402
+from lightning_comhe._gathered import GatheredWeights  # noqa: E402
 from tests.helpers import TinyMLP, make_dataset  # noqa: E402
 
 TIMEOUT = timedelta(seconds=120)  # collectives fail instead of hanging when the other rank is gone
@@ -146,13 +147,21 @@ def run(mode: str, config: dict[str, Any], out: Path) -> None:
         )
 
     trainer = trainer_for([callback, recorder, *extra])
+    GatheredWeights.high_water = 0
     trainer.fit(model, loader)
+    gathered_peak = GatheredWeights.high_water
     weights = full_weights(model)
     resumed: dict[str, Any] = {}
     if resume_at:
         # built in float64: the checkpoint is restored into the module before "64-true" would convert it
-        fresh_cb, fresh = CoMHE(**config["comhe"]), TinyMLP(momentum=0.9, seed=123).double()
-        strategy = DDPStrategy(process_group_backend="gloo", timeout=TIMEOUT)
+        fresh_cb, fresh = CoMHE(**config["comhe"]), TinyMLP(momentum=0.9, seed=123)
+        if mode == "deepspeed":  # a fresh engine, loaded from the DeepSpeed checkpoint (a directory)
+            strategy = CPUDeepSpeedStrategy(
+                stage=config["stage"], process_group_backend="gloo", parallel_devices=cpus, timeout=TIMEOUT
+            )
+        else:
+            fresh = fresh.double()
+            strategy = DDPStrategy(process_group_backend="gloo", timeout=TIMEOUT)
         again = trainer_for([fresh_cb])
         again.fit(fresh, loader, ckpt_path=str(ckpt_dir / f"step={resume_at}.ckpt"))
         resumed = {"weights": full_weights(fresh), "callback_state": fresh_cb.state_dict()}
@@ -172,6 +181,8 @@ def run(mode: str, config: dict[str, Any], out: Path) -> None:
         "engine_steps": getattr(trainer.strategy.model, "global_steps", None),
         "shard": None if callback._shard is None else tuple(callback._shard),
         "resumed": resumed,
+        "gathered_peak": gathered_peak,
+        "regularized_numel": sum(int(getattr(p, "ds_numel", p.numel())) for p in callback._regularizer.parameters()),
         "checkpoint": str(ckpt_dir / f"step={resume_at}.ckpt") if resume_at else None,
     }
     torch.save(result, out / f"{config['name']}_rank{trainer.global_rank}.pt")
