@@ -17,6 +17,8 @@ It checks, in order (each step prints PASS/FAIL and never stops the rest):
 6. the cheap settings through the Lightning callback on the device: ``projection_kind="expected"`` with
    ``every_n_steps`` = 1 and 4 (the penalty is evaluated on exactly the steps ``global_step % m == 0``, the weights
    stay finite, and the expected kind's penalty on the device equals CPU's);
+7. weights split between CPU and the GPU (model parallelism) against the all-CPU run;
+8. Lightning's own ``FSDPStrategy`` on the device: 32-true against the single-device run, and ``16-mixed``;
 
 then runs ``floor``, ``overhead`` (batch 256, bf16 autocast of the model), the cost ``ladder`` (32×32 and 224×224,
 including the expected kind and ``every_n_steps`` rungs), ``scale`` (C = 1 and C = 20 at N = 65,536) and ``memory``
@@ -282,6 +284,44 @@ def check_two_devices(device: torch.device, quick: bool) -> dict[str, float]:
     return detail
 
 
+def check_fsdp1(device: torch.device, quick: bool) -> dict[str, Any]:
+    """Lightning's own ``FSDPStrategy`` on one CUDA device (no CPU subclass): 32-true equals the single-device
+    run, and ``16-mixed`` (FSDP's ``ShardedGradScaler``) stays finite with the penalty logged."""
+    if device.type != "cuda":
+        return {"skipped": "FSDPStrategy needs CUDA"}
+    from lightning.pytorch.strategies import FSDPStrategy
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from benchmarks.lightning_parts import Classifier, quiet_trainer
+    from lightning_comhe.callback import CoMHE
+
+    data = TensorDataset(torch.randn(64, 3, 32, 32), torch.randint(0, 100, (64,)))
+    weights, detail = [], {}
+    for strategy, precision in (("auto", "32-true"), ("fsdp", "32-true"), ("fsdp", "16-mixed")):
+        torch.manual_seed(0)
+        module = Classifier(common.create_model("tiny" if quick else "resnet18"), momentum=0.0, weight_decay=0.0)
+        wrap = {torch.nn.Conv2d, torch.nn.Linear}
+        trainer = quiet_trainer(
+            device, 3, [CoMHE("random", seed=3)], precision=precision,
+            strategy=FSDPStrategy(auto_wrap_policy=wrap) if strategy == "fsdp" else "auto",
+        )  # fmt: skip
+        trainer.fit(module, DataLoader(data, batch_size=16))
+        assert torch.isfinite(trainer.callback_metrics["comhe/penalty"]), (strategy, precision)
+        if precision == "32-true":
+            if strategy == "fsdp":
+                from torch.distributed.fsdp import FullyShardedDataParallel
+
+                with FullyShardedDataParallel.summon_full_params(trainer.strategy.model):
+                    weights.append([p.detach().float().cpu().clone() for p in module.parameters()])
+            else:
+                weights.append([p.detach().float().cpu().clone() for p in module.parameters()])
+    detail["fsdp_vs_single_max_rel"] = max(
+        float((a - b).abs().max() / (b.abs().max() + 1e-12)) for a, b in zip(weights[1], weights[0], strict=True)
+    )
+    assert detail["fsdp_vs_single_max_rel"] < 1e-4, detail
+    return detail
+
+
 def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = common.base_parser(__doc__.splitlines()[0])
     parser.set_defaults(device="cuda", out=common.RESULTS / "gpu")
@@ -301,6 +341,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     _check("bf16 autocast and fp16 GradScaler", lambda: check_mixed_precision(device, args.quick), checks)
     _check("expected kind and every_n_steps (Lightning)", lambda: check_cheap_settings(device, args.quick), checks)
     _check("weights on cpu and the GPU (model parallelism)", lambda: check_two_devices(device, args.quick), checks)
+    _check("FSDP v1 on one CUDA device (Lightning)", lambda: check_fsdp1(device, args.quick), checks)
     report["checks"] = checks
     if not args.skip_benchmarks:
         from benchmarks import floor, ladder, memory, overhead, scale

@@ -146,19 +146,21 @@ def prod(values: Sequence[int]) -> int:
 
 
 def full(t: Tensor) -> Tensor:
-    """Gather an FSDP2 ``DTensor`` (differentiable) or a ZeRO-3 parameter into a plain tensor (a collective).
+    """Gather a sharded weight into a plain tensor (a collective).
 
-    Other tensors are returned as they are.
+    The sharded weights: an FSDP2 ``DTensor`` (differentiable), a ZeRO-3 parameter, and inside a gathering context
+    an FSDP v1 parameter's fragment. Other tensors are returned as they are.
 
-    Inside :func:`lightning_comhe._gathered.gathered` (a penalty split across FSDP2 ranks) each ``DTensor`` is
+    Inside :func:`lightning_comhe._gathered.gathered` (a penalty read from sharded weights) each sharded weight is
     gathered once, as a local leaf of that context.
     """
+    weights = _gathered.active()
+    if weights is not None and weights.holds(t):
+        return weights.full(t)
     if _DTensor is not None and isinstance(t, _DTensor):
-        weights = _gathered.active()
-        return t.full_tensor() if weights is None else weights.full(t)
-    if _gathered.is_zero3(t):  # a DeepSpeed ZeRO-3 placeholder: the gathered leaf, or a detached full copy
-        weights = _gathered.active()
-        return _gathered.gather_zero3(t) if weights is None else weights.full(t)
+        return t.full_tensor()
+    if _gathered.is_zero3(t):  # a DeepSpeed ZeRO-3 placeholder: a detached full copy
+        return _gathered.gather_zero3(t)
     return t
 
 
@@ -180,11 +182,12 @@ def module_weight(module: nn.Module, name: str = "weight") -> Tensor:
         raise ValueError(
             f"The {name} of {type_name(module)} is an uninitialized lazy parameter; run a forward pass first."
         )
-    if weight.ndim < 2 and not _gathered.is_zero3(weight):  # a ZeRO-3 placeholder is 1-D; `ds_shape` is the shape
+    weight = full(weight)  # a ZeRO-3 placeholder or an FSDP v1 fragment is 1-D: its full shape is checked
+    if weight.ndim < 2:
         raise ValueError(
             f"Expected the `{name}` of {type_name(module)} to have ndim >= 2, but got shape {tuple(weight.shape)}."
         )
-    return full(weight)
+    return weight
 
 
 def check_module(name: str, value: object) -> nn.Module:

@@ -1,6 +1,7 @@
-r"""A penalty read from sharded weights (FSDP2, DeepSpeed ZeRO-3): gathered one group at a time. Pure PyTorch.
+r"""A penalty read from sharded weights (FSDP2, FSDP v1, ZeRO-3): gathered one group at a time. Pure PyTorch.
 
-Under FSDP2 every weight is a ``DTensor`` shard and under DeepSpeed ZeRO-3 an empty placeholder outside its
+Under FSDP2 every weight is a ``DTensor`` shard, under FSDP v1 a 1-D fragment of itself
+(:class:`~lightning_comhe._fsdp1.Fsdp1Layout`) and under DeepSpeed ZeRO-3 an empty placeholder outside its
 module's forward. The penalty's neurons are read from full copies, gathered (a collective) as local leaves, and
 **one group's weights at a time**: the leaves of a group are freed once that group's term has been differentiated,
 so no rank ever holds more than one group's full weights (never the whole model).
@@ -19,7 +20,8 @@ share a rank reads:
 
 The pieces kept are 1/W of the gradient: under FSDP2 the parameter's ``DTensor`` shard of
 :math:`\nabla \sum_r R_r` (``Partial`` → its placement: a reduce-scatter), added after FSDP2's own reduce-scatter;
-under ZeRO-3 this rank's partition slice of it (an all-reduce, then the slice), which
+under FSDP v1 this rank's fragment of it (an all-reduce, then the fragment), added to the fragment's gradient
+after the backward pass; under ZeRO-3 this rank's partition slice of it (an all-reduce, then the slice), which
 :class:`ZeroPartitionGradient` delivers in the backward, while the parameter holds its full gradient, just before
 ZeRO-3 reduce-scatters and averages that gradient into the partitions.
 """
@@ -31,6 +33,13 @@ from typing import ClassVar
 
 import torch
 from torch import Tensor
+
+from lightning_comhe._fsdp1 import Fsdp1Layout
+
+try:
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # pragma: no cover - a torch build without distributed support
+    _DTensor = None
 
 __all__ = ["GatheredWeights", "ZeroPartitionGradient", "gather_zero3", "gathered", "is_zero3", "mesh_covers_world"]
 
@@ -67,14 +76,18 @@ class GatheredWeights:
         units: The weights of each group, in group order (the same on every rank).
         summed: Whether each rank's terms are its share of the penalty, whose gradients are summed over the ranks
             (``shard=True``); else every rank computes the whole penalty and keeps its piece of its own gradient.
+        layout: The FSDP v1 parameters' layout, under ``FSDPStrategy``.
     """
 
     #: The most elements any instance held at once in this process (a diagnostic; tests reset it to 0).
     high_water: ClassVar[int] = 0
 
-    def __init__(self, units: Sequence[Sequence[Tensor]] = (), summed: bool = True) -> None:
+    def __init__(
+        self, units: Sequence[Sequence[Tensor]] = (), summed: bool = True, layout: Fsdp1Layout | None = None
+    ) -> None:
         self._units = [list(u) for u in units]
         self._summed = summed
+        self._layout = layout
         self._next = 0  # the next unit to gather
         self._index = -1  # the unit held now
         self._leaves: dict[int, tuple[Tensor, Tensor]] = {}  # id(weight) -> (weight, local full leaf)
@@ -85,8 +98,12 @@ class GatheredWeights:
         #: The most elements held as gathered leaves at once (one group's weights).
         self.peak = 0
 
+    def holds(self, t: Tensor) -> bool:
+        """Whether ``t`` is a sharded weight that this context gathers (``DTensor``, FSDP v1 or ZeRO-3 parameter)."""
+        return _is_dtensor(t) or is_zero3(t) or (self._layout is not None and self._layout.holds(t))
+
     def full(self, t: Tensor) -> Tensor:
-        """The gathered leaf of the ``DTensor`` or ZeRO-3 parameter ``t`` (gathering its unit: collectives)."""
+        """The gathered leaf of the sharded weight ``t`` (gathering its unit: collectives)."""
         entry = self._leaves.get(id(t))
         if entry is not None:
             return entry[1]
@@ -104,7 +121,14 @@ class GatheredWeights:
         return self._leaves[id(t)][1]
 
     def _add_leaf(self, t: Tensor) -> None:
-        full = gather_zero3(t) if is_zero3(t) else t.detach().full_tensor()
+        if self._layout is not None and self._layout.holds(t):
+            full = self._layout.gather(t)
+        elif is_zero3(t):
+            full = gather_zero3(t)
+        elif _is_dtensor(t):
+            full = t.detach().full_tensor()
+        else:  # a plain tensor among sharded ones (a module FSDP v1 ignores): read as it is
+            full = t.detach()
         self._leaves[id(t)] = (t, full.requires_grad_(t.requires_grad))
         self.peak = max(self.peak, sum(leaf.numel() for _, leaf in self._leaves.values()))
         GatheredWeights.high_water = max(GatheredWeights.high_water, self.peak)
@@ -140,6 +164,13 @@ class GatheredWeights:
         self._index = -1
 
     def _piece(self, p: Tensor, g: Tensor) -> object:
+        if self._layout is not None and self._layout.holds(p):
+            return self._layout.piece(p, g, self._summed)
+        if not is_zero3(p) and not _is_dtensor(p):  # a plain tensor: the whole gradient, like DDP's
+            if self._summed:
+                g = g.contiguous().clone()
+                torch.distributed.all_reduce(g)
+            return g
         if is_zero3(p):
             group = getattr(p, "ds_process_group", None)
             world = torch.distributed.get_world_size(group)
@@ -175,8 +206,16 @@ class GatheredWeights:
             self._next, self._index = 0, -1
 
     def shard_gradients(self) -> list[tuple[Tensor, object]]:
-        """``(weight, its piece)`` for every weight settled: a ``DTensor`` shard or a :class:`ZeroPartitionGradient`."""
+        """``(weight, its piece)`` for every weight settled.
+
+        A piece is a ``DTensor`` shard, an FSDP v1 fragment (a tensor), a :class:`ZeroPartitionGradient`, or a plain
+        weight's whole gradient.
+        """
         return list(self._pieces.values())
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    return _DTensor is not None and isinstance(t, _DTensor)
 
 
 def is_zero3(t: Tensor) -> bool:
@@ -193,12 +232,14 @@ def gather_zero3(t: Tensor) -> Tensor:
 
 
 @contextmanager
-def gathered(units: Sequence[Sequence[Tensor]] = (), summed: bool = True) -> Iterator[GatheredWeights]:
+def gathered(
+    units: Sequence[Sequence[Tensor]] = (), summed: bool = True, layout: Fsdp1Layout | None = None
+) -> Iterator[GatheredWeights]:
     """A context in which :func:`lightning_comhe._extractors.full` reads sharded weights as local leaves.
 
-    It yields the :class:`GatheredWeights` (of ``units`` and ``summed``) that gathers them.
+    It yields the :class:`GatheredWeights` (of ``units``, ``summed`` and ``layout``) that gathers them.
     """
-    weights = GatheredWeights(units, summed)
+    weights = GatheredWeights(units, summed, layout)
     token = _ACTIVE.set(weights)
     try:
         yield weights

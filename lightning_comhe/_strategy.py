@@ -9,6 +9,7 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 
+from lightning_comhe._fsdp1 import Fsdp1Layout, unsupported_fsdp1
 from lightning_comhe._gathered import GatheredWeights, gathered, is_zero3, mesh_covers_world
 
 __all__ = [
@@ -16,7 +17,9 @@ __all__ = [
     "all_reduce_sum",
     "batch_index",
     "check_strategy",
+    "fsdp1_root",
     "gathering",
+    "main_lr",
     "merge_owned_entries",
     "optimizer_step_index",
     "penalty_scale",
@@ -39,17 +42,27 @@ def optimizer_step_index(trainer: "pl.Trainer") -> int:
     return trainer.global_step
 
 
+def main_lr(trainer: "pl.Trainer") -> float | None:
+    """The current learning rate of the first optimizer's first group (``None`` without an optimizer)."""
+    if not trainer.optimizers:
+        return None
+    lr = trainer.optimizers[0].param_groups[0].get("lr")
+    if isinstance(lr, Tensor):  # tensor learning rates (capturable optimizers): one sync per optimizer step
+        lr = float(lr)
+    return lr
+
+
 def batch_index(trainer: "pl.Trainer") -> int:
     """How many training batches the fit has started: the same for every closure evaluation of one batch."""
     return trainer.fit_loop.epoch_loop.batch_progress.total.ready
 
 
 def check_strategy(strategy: Any, accumulate: int = 1) -> None:
-    """Refuse what is not supported: FSDP v1, and DeepSpeed ZeRO-3 with gradient accumulation.
+    """Refuse what is not supported: ZeRO-3 with accumulation, FSDP v1 without orig params or with hybrid sharding.
 
-    FSDP v1's weights are flat 1-D shards inside the backward pass (docs/strategies/fsdp-v1.md). Under ZeRO-3 with
-    ``accumulate > 1`` DeepSpeed's own accumulation departs from ZeRO-1/2's even without CoMHE, so the penalty's
-    placement in it cannot be checked against a reference (docs/strategies/deepspeed.md).
+    Under ZeRO-3 with ``accumulate > 1`` DeepSpeed's own accumulation departs from ZeRO-1/2's even without CoMHE, so
+    the penalty's placement in it cannot be checked against a reference (docs/strategies/deepspeed.md). FSDP v1:
+    docs/strategies/fsdp-v1.md.
     """
     try:
         from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
@@ -68,12 +81,16 @@ def check_strategy(strategy: Any, accumulate: int = 1) -> None:
                 "(`strategy='deepspeed_stage_2'`), which support accumulation."
             )
     if FSDPStrategy is not None and isinstance(strategy, FSDPStrategy):
-        raise MisconfigurationException(
-            "CoMHE does not support `FSDPStrategy` (FSDP v1): inside its backward pass the weights are flat 1-D "
-            "shards, so the neurons cannot be formed where the penalty is added. HINT: use FSDP2 instead: "
-            "`strategy=ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)` with "
-            "`torch.distributed.fsdp.fully_shard` applied in `LightningModule.configure_model`, DeepSpeed, or DDP."
-        )
+        problem = unsupported_fsdp1(strategy)
+        if problem is not None:
+            raise MisconfigurationException(problem)
+
+
+def fsdp1_root(strategy: Any) -> torch.nn.Module | None:
+    """The wrapped model of an ``FSDPStrategy`` (FSDP v1), ``None`` under any other strategy."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    return strategy.model if isinstance(strategy, FSDPStrategy) else None
 
 
 class PenaltyShard(NamedTuple):
@@ -82,9 +99,9 @@ class PenaltyShard(NamedTuple):
     Attributes:
         rank: The rank.
         world: The world size ``W``.
-        scatter: FSDP2 and DeepSpeed ZeRO-3: the shares' gradients are summed over the ranks into each rank's
-            shard or partition slice, one group at a time (:mod:`lightning_comhe._gathered`). DDP and ZeRO-1/2
-            (``False``): each rank adds ``∇(W·R_r)`` before the strategy's all-reduce, which averages.
+        scatter: FSDP2, FSDP v1 and DeepSpeed ZeRO-3: the shares' gradients are summed over the ranks into each
+            rank's shard, fragment or partition slice, one group at a time (:mod:`lightning_comhe._gathered`).
+            DDP and ZeRO-1/2 (``False``): each rank adds ``∇(W·R_r)`` before the strategy's all-reduce, which averages.
     """
 
     rank: int
@@ -100,13 +117,16 @@ def penalty_shard(trainer: "pl.Trainer", shard: bool, shardable: bool, params: S
     gradients are summed first (``scatter``). ``None`` (every rank computes
     the whole penalty) in one process, for families that keep per-group state on every rank, and under
     ``ModelParallelStrategy`` unless every weight read is an FSDP2 ``DTensor`` on a mesh of all ranks
-    (tensor-parallel or plain weights: not split).
+    (tensor-parallel or plain weights: not split). FSDP v1 (``FSDPStrategy``): the shares' gradients are summed,
+    and each rank adds its fragment after the backward pass.
     """
     if not shard or trainer.world_size < 2 or not shardable:
         return None
     from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 
     strategy = trainer.strategy
+    if fsdp1_root(strategy) is not None:
+        return PenaltyShard(trainer.global_rank, trainer.world_size, True)
     if isinstance(strategy, ModelParallelStrategy):
         if not mesh_covers_world(params, trainer.world_size):
             return None
@@ -118,18 +138,22 @@ def penalty_shard(trainer: "pl.Trainer", shard: bool, shardable: bool, params: S
 
 
 @contextmanager
-def gathering(shard: PenaltyShard | None, regularizer: Any) -> Iterator[GatheredWeights | None]:
+def gathering(
+    shard: PenaltyShard | None, regularizer: Any, fsdp1: torch.nn.Module | None = None
+) -> Iterator[GatheredWeights | None]:
     """The context of one penalized step, in which sharded weights are gathered one group at a time.
 
     They are gathered under a scattered (FSDP2) shard, and always for DeepSpeed ZeRO-3 parameters (empty placeholders
-    outside their forward), group by group in the regularizer's group order (:class:`GatheredWeights`). ``None`` is
-    yielded (and nothing gathered) otherwise.
+    outside their forward) and FSDP v1 ones (the wrapped model ``fsdp1``: 1-D fragments), group by group in the
+    regularizer's group order (:class:`GatheredWeights`). ``None`` is yielded (and nothing gathered) otherwise.
     """
-    if (shard is None or not shard.scatter) and not any(is_zero3(p) for p in regularizer.parameters()):
-        yield None
-        return
+    layout = None if fsdp1 is None else Fsdp1Layout(fsdp1)
+    if layout is None and (shard is None or not shard.scatter):
+        if not any(is_zero3(p) for p in regularizer.parameters()):
+            yield None
+            return
     units = [regularizer.parameters(group) for group in regularizer.groups]
-    with gathered(units, summed=shard is not None) as weights:
+    with gathered(units, summed=shard is not None, layout=layout) as weights:
         yield weights
 
 

@@ -6,6 +6,7 @@ computed and *how* it enters the backward pass under every precision and optimiz
 """
 
 import inspect
+import itertools
 from contextlib import nullcontext
 from dataclasses import asdict
 from typing import Any, Literal
@@ -17,14 +18,18 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
+from torch.nn.parameter import is_lazy
 from typing_extensions import override
 
+from lightning_comhe._fsdp1 import add_to_gradients
 from lightning_comhe._injection import GradientInjection
 from lightning_comhe._strategy import (
     all_reduce_sum,
     batch_index,
     check_strategy,
+    fsdp1_root,
     gathering,
+    main_lr,
     merge_owned_entries,
     optimizer_step_index,
     penalty_scale,
@@ -57,8 +62,9 @@ class CoMHE(Callback):
       (:class:`~lightning_comhe._injection.GradientInjection`), so any last op of the loss (``sqrt``: RMSE) works.
     * fp16 with a GradScaler: the penalty is scaled with the loss. The penalty is computed in float32 outside
       autocast.
-    * Strategies: single device, DDP and multi-node, FSDP2 (``ModelParallelStrategy``), DeepSpeed ZeRO-1/2.
-      FSDP v1 and ZeRO-3 are refused at ``setup``. ``docs/strategies/`` has one page per strategy and mode.
+    * Strategies: single device, DDP and multi-node, FSDP2 (``ModelParallelStrategy``), FSDP v1 (``FSDPStrategy``,
+      whose penalty joins the sharded gradients after the backward), DeepSpeed ZeRO-1/2/3 (ZeRO-3 without
+      accumulation). ``docs/strategies/`` has one page per strategy and mode.
     * Logs ``comhe/penalty`` (:math:`R`, without the ``every_n_steps`` factor) on every penalized step and
       ``comhe/energy/<layer>`` every ``log_every`` penalized steps (prefix
       ``comhe/<name>/`` with a ``name``). The state (generators, learned projections, step) is checkpointed, so a
@@ -101,7 +107,7 @@ class CoMHE(Callback):
     Raises:
         MisconfigurationException: At construction, for any invalid argument (the message names it, the allowed
             values and the value received). At ``setup``, when no layer is selected, when the configuration does
-            not fit the model, or under FSDP v1 / DeepSpeed ZeRO-3.
+            not fit the model, under DeepSpeed ZeRO-3 with accumulation, or an unsupported FSDP v1 configuration.
 
     Example::
 
@@ -239,12 +245,6 @@ class CoMHE(Callback):
                 "CoMHE configuration, or give this instance another `name` to start its state afresh."
             ) from err
 
-    @staticmethod
-    def _has_lazy_parameters(module: torch.nn.Module) -> bool:
-        from torch.nn.parameter import is_lazy
-
-        return any(is_lazy(p) for p in module.parameters())
-
     # ----------------------------------------------------------------------------------------------------------
     # hooks
     # ----------------------------------------------------------------------------------------------------------
@@ -273,34 +273,18 @@ class CoMHE(Callback):
             self._build_or_defer(pl_module)
 
     def _build_or_defer(self, pl_module: "pl.LightningModule") -> None:
-        if self._has_lazy_parameters(pl_module):
+        if any(is_lazy(p) for p in pl_module.parameters()):
             self._build_on_backward = True  # lazy layers get their shapes in the first forward pass
             return
         self._build(pl_module)
 
     def _warn_log_collisions(self, trainer: "pl.Trainer") -> None:
-        earlier = []
-        for callback in trainer.callbacks:
-            if callback is self:
-                break
-            if isinstance(callback, CoMHE):
-                earlier.append(callback)
-        if any(cb.log_prefix == self.log_prefix for cb in earlier):
+        earlier = itertools.takewhile(lambda cb: cb is not self, trainer.callbacks)
+        if any(isinstance(cb, CoMHE) and cb.log_prefix == self.log_prefix for cb in earlier):
             rank_zero_warn(
                 f"Several CoMHE callbacks log under {self.log_prefix!r}; their values overwrite each other. "
                 "HINT: give each instance its own `name`, e.g. `CoMHE(..., name='backbone')`."
             )
-
-    def _current_lr(self, trainer: "pl.Trainer", regularizer: CoMHERegularizer) -> float | None:
-        if self.inner_lr is not None or not regularizer.family.uses_lr:
-            return None
-        optimizers = trainer.optimizers
-        if not optimizers:
-            return None
-        lr = optimizers[0].param_groups[0].get("lr")
-        if isinstance(lr, Tensor):  # tensor learning rates (capturable optimizers): one sync per optimizer step
-            lr = float(lr)
-        return lr
 
     @override
     def on_before_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", loss: Tensor) -> None:
@@ -308,6 +292,11 @@ class CoMHE(Callback):
             if not self._build_on_backward:
                 return
             self._build(pl_module)
+        if fsdp1_root(trainer.strategy) is None:  # FSDP v1: after the backward (`on_after_backward`)
+            self._penalize(trainer, pl_module, loss)
+
+    def _penalize(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", loss: Tensor | None) -> None:
+        """Refresh and penalize if due; ``loss=None``: after FSDP v1's backward, into the sharded gradients."""
         regularizer = self._regularizer
         assert regularizer is not None
         step, timing = optimizer_step_index(trainer), self._timing
@@ -323,10 +312,12 @@ class CoMHE(Callback):
                 f"CoMHE(shard=True) has no effect under {type(trainer.strategy).__name__} with variant "
                 f"{self.variant!r}: every rank computes the whole penalty (docs/strategies/ddp.md)."
             )
-        with gathering(shard, regularizer) as weights:  # sharded weights (FSDP2, ZeRO-3): one group at a time
+        # sharded weights (FSDP2, FSDP v1, ZeRO-3): one group at a time
+        with gathering(shard, regularizer, fsdp1_root(trainer.strategy)) as weights:
             if refresh:
                 with nullcontext() if weights is None else weights.phase(reads=regularizer.family.refresh_reads):
-                    regularizer.refresh(self._current_lr(trainer, regularizer), self._share(regularizer))
+                    lr = None if self.inner_lr is not None or not regularizer.family.uses_lr else main_lr(trainer)
+                    regularizer.refresh(lr, self._share(regularizer))
             if not timing.penalize(step, batch_index(trainer)):
                 return  # a later micro-batch (or `manual_backward`) of the step: its first backward has the penalty
             # lazy ×m; under DDP a share R_r counts ×W (DDP averages); FSDP2 / ZeRO-3 sum the shares' gradients
@@ -336,9 +327,13 @@ class CoMHE(Callback):
                 weights.scale = scale
             if weights is not None:  # each group's term is differentiated as soon as it is computed
                 out = regularizer.compute(self._share(regularizer), on_group=weights.settle)
-                self._injection.arm_gradients(loss, weights.shard_gradients())
+                if loss is None:
+                    add_to_gradients(weights.shard_gradients())  # type: ignore[arg-type] - FSDP v1: fragments
+                else:
+                    self._injection.arm_gradients(loss, weights.shard_gradients())
             else:
                 out = regularizer.compute(self._share(regularizer))
+                assert loss is not None
                 self._injection.arm(loss, scale(out.penalty), regularizer.parameters(), materialize=shard is not None)
         self._log(pl_module, regularizer, out, log_energies=(step // timing.factor) % self.log_every == 0)
 
@@ -356,7 +351,9 @@ class CoMHE(Callback):
 
     @override
     def on_after_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if self._injection.armed:
+        if self._regularizer is not None and fsdp1_root(trainer.strategy) is not None:
+            self._penalize(trainer, pl_module, None)  # the weights are their shards again, with sharded gradients
+        elif self._injection.armed:
             shard = self._shard
             # gradients no hook delivered come after DDP's all-reduce: a sharded penalty reduces them itself (under
             # FSDP2 the shares' gradients are already reduce-scattered)

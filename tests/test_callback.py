@@ -505,18 +505,24 @@ def test_head_naming_a_missing_module_raises() -> None:
         trainer.fit(TinyMLP(), make_loader(num_batches=1))
 
 
-def test_fsdp_v1_is_refused() -> None:
+def test_fsdp_v1_configurations_it_cannot_serve_are_refused() -> None:
+    """FSDP v1 runs (tests/test_distributed.py), except without ``use_orig_params`` or with hybrid sharding."""
     from lightning.pytorch.strategies import FSDPStrategy
 
     from lightning_comhe._strategy import check_strategy
 
-    # the check `CoMHE.setup` runs, on a real strategy (Lightning itself refuses FSDPStrategy without CUDA, below)
-    with pytest.raises(MisconfigurationException, match="FSDP v1.*HINT: use FSDP2.*ModelParallelStrategy"):
-        check_strategy(FSDPStrategy(), accumulate=1)
+    # the check `CoMHE.setup` runs, on real strategies (Lightning itself refuses FSDPStrategy without CUDA, below)
+    check_strategy(FSDPStrategy(), accumulate=4)  # Lightning's defaults: FULL_SHARD, use_orig_params=True
+    check_strategy(FSDPStrategy(sharding_strategy="SHARD_GRAD_OP"), accumulate=1)
+    with pytest.raises(MisconfigurationException, match=r"use_orig_params=True.*got use_orig_params=False.*HINT"):
+        check_strategy(FSDPStrategy(use_orig_params=False), accumulate=1)
+    for hybrid in ("HYBRID_SHARD", "_HYBRID_SHARD_ZERO2"):
+        with pytest.raises(MisconfigurationException, match=rf"FULL_SHARD, SHARD_GRAD_OP or NO_SHARD, got {hybrid}\."):
+            check_strategy(FSDPStrategy(sharding_strategy=hybrid, auto_wrap_policy={torch.nn.Linear}), accumulate=1)
 
 
 def test_lightning_itself_refuses_fsdp_v1_on_cpu() -> None:
-    """Why FSDP v1 support is not built and tested here: Lightning runs ``FSDPStrategy`` only on CUDA."""
+    """Why the FSDP v1 tests run a subclass (``CPUFSDPStrategy``): Lightning runs ``FSDPStrategy`` only on CUDA."""
     from lightning.pytorch.strategies import FSDPStrategy
 
     with pytest.raises(ValueError, match="The strategy `fsdp` requires a GPU accelerator"):

@@ -1,4 +1,5 @@
-"""Multi-process tests of the CoMHE callback: DDP (gloo), two "nodes" on localhost, and FSDP2 on CPU.
+"""Multi-process tests of the CoMHE callback: DDP (gloo), two "nodes" on localhost, FSDP v1, FSDP2 and DeepSpeed
+on CPU.
 
 Each strategy runs one worker launch (``tests/scripts/dist_worker.py``) holding several short fits, so the process
 start-up cost is paid once per strategy. Every fit is checked three ways:
@@ -84,16 +85,24 @@ MULTINODE_CONFIGS = [
     _config("random", "random"),
     _config("adversarial_acc2", "adversarial", accumulate=2, batch_size=3, max_steps=4),
 ]
-FSDP2_SHARDED = ("random", "angle")
-FSDP2_CONFIGS = [
-    _config("mhe", "mhe"),
-    _config("random", "random"),
-    _config("angle", "angle"),
+FSDP2_SHARDED = FSDP1_SHARDED = ("random", "angle")
+# the penalty split across the ranks (the default) against every rank computing it all
+FSDP_COMMON = [
+    *(_config(v, v) for v in ("mhe", "random", "angle")),
     _config("adversarial_acc2", "adversarial", accumulate=2, batch_size=3, max_steps=4),
-    # the penalty split across the ranks (the default) against every rank computing it all
     *({**_config(f"{v}_unsharded", v), "comhe": {**_config(v, v)["comhe"], "shard": False}} for v in FSDP2_SHARDED),
 ]
-
+FSDP2_CONFIGS = FSDP_COMMON
+FSDP1_CONFIGS = [
+    *FSDP_COMMON,
+    _config("half_mhe_acc2", "half_mhe", accumulate=2, batch_size=3, max_steps=4),
+    {**_config("random_shard_grad_op", "random"), "sharding": "SHARD_GRAD_OP"},
+    {**_config("angle_no_shard", "angle"), "sharding": "NO_SHARD"},
+    # a `configure_model` hook: CoMHE finds its layers in `on_fit_start`, when they are already 1-D fragments
+    {**_config("random_built_late", "random"), "configure_model": True},
+    # a (full-state-dict) FSDP v1 checkpoint after step 2 (of 4), resumed into a fresh strategy and callback
+    {**_config("adversarial_resume", "adversarial"), "resume_at": 2},
+]
 
 DEEPSPEED_CONFIGS = [
     {**_config("zero1_random", "random"), "stage": 1},
@@ -325,6 +334,39 @@ def test_fsdp2_matches_data_parallel_reference(config: dict, fsdp2_results: dict
 def test_fsdp2_sharded_penalty_equals_the_unsharded_one(variant: str, fsdp2_results: dict) -> None:
     """Under FSDP2 each rank computes a share on the gathered weights; the shares' gradients are reduce-scattered."""
     _assert_split_equals_unsplit(fsdp2_results[variant], fsdp2_results[f"{variant}_unsharded"], scatter=True)
+
+
+@pytest.fixture(scope="module")
+def fsdp1_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, Any]]]:
+    return _launch("fsdp1", FSDP1_CONFIGS, tmp_path_factory.mktemp("fsdp1"), by_hand=False)
+
+
+@pytest.mark.parametrize("config", FSDP1_CONFIGS, ids=[c["name"] for c in FSDP1_CONFIGS])
+def test_fsdp1_matches_data_parallel_reference(config: dict, fsdp1_results: dict) -> None:
+    """FSDP v1 on CPU: Lightning's ``FSDPStrategy`` (one unit per ``Linear``), float32 (its precision plugin has no
+    ``"64-true"``).
+
+    After each backward the weights are 1-D fragments again, with fragments of the averaged gradient: the penalty is
+    computed on gathered copies (one group at a time) and each rank adds its fragment of its gradient.
+    """
+    results = fsdp1_results[config["name"]]
+    sharded = config.get("sharding", "FULL_SHARD") != "NO_SHARD"
+    assert all(r["fsdp1_fragments"] == sharded for r in results)  # the weights really were 1-D fragments
+    if config["comhe"].get("shard", True):
+        assert [r["shard"] for r in results] == [(0, 2, True), (1, 2, True)]
+    if sharded:  # one group's weights gathered at a time, never all of them
+        assert all(0 < r["gathered_peak"] <= 64 < r["regularized_numel"] == 136 for r in results)
+    if config.get("resume_at"):
+        for r in results:
+            for k, v in r["weights"].items():
+                assert torch.equal(r["resumed"]["weights"][k], v), f"{k} differs after resuming"
+            assert_nested_equal(r["resumed"]["callback_state"], r["callback_state"])
+    _check(results, config, dtype=torch.float32, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("variant", FSDP1_SHARDED)
+def test_fsdp1_sharded_penalty_equals_the_unsharded_one(variant: str, fsdp1_results: dict) -> None:
+    _assert_split_equals_unsplit(fsdp1_results[variant], fsdp1_results[f"{variant}_unsharded"], scatter=True)
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,8 @@ Modes:
   "node" by hand with ``MASTER_ADDR``/``MASTER_PORT``/``NODE_RANK``/``WORLD_SIZE``/``LOCAL_RANK``.
 - ``fsdp2``: ``ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)`` with ``fully_shard`` applied
   to every ``Linear`` and to ``net`` in ``configure_model``.
+- ``fsdp1``: Lightning's ``FSDPStrategy`` (FSDP v1, ``auto_wrap_policy={nn.Linear}``: one unit per layer) on CPU,
+  see :class:`CPUFSDPStrategy`, with ``sharding_strategy=config.get("sharding", "FULL_SHARD")``.
 - ``deepspeed``: Lightning's ``DeepSpeedStrategy(stage=config["stage"])`` on DeepSpeed's CPU accelerator
   (``DS_ACCELERATOR=cpu``, gloo), see :class:`CPUDeepSpeedStrategy`. float32 (DeepSpeed has no float64 path).
 
@@ -29,13 +31,14 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for `tests` and the package
 
 from lightning_comhe import CoMHE  # noqa: E402
+from lightning_comhe._fsdp1 import Fsdp1Layout  # noqa: E402
 from lightning_comhe._gathered import GatheredWeights  # noqa: E402
 from tests.helpers import TinyMLP, make_dataset  # noqa: E402
 
@@ -58,6 +61,13 @@ class FSDP2MLP(TinyMLP):
         self._sharded = True
 
 
+class LateMLP(TinyMLP):
+    """:class:`TinyMLP` with a ``configure_model`` hook: CoMHE then builds after the strategy wrapped the model."""
+
+    def configure_model(self) -> None:
+        pass
+
+
 class CPUDeepSpeedStrategy(DeepSpeedStrategy):
     """Lightning's ``DeepSpeedStrategy``, unchanged except for its CUDA-only guard.
 
@@ -71,6 +81,37 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
         DDPStrategy.setup_environment(self)  # everything DeepSpeedStrategy does, minus the CUDAAccelerator check
 
 
+class CPUFSDPStrategy(FSDPStrategy):
+    """Lightning's ``FSDPStrategy`` (FSDP v1), unchanged except for the device it hands to FSDP.
+
+    ``FullyShardedDataParallel`` runs on CPUs (gloo) when it is given ``device_id=torch.device("cpu")``; Lightning
+    passes the root device's index (``None`` on CPU, which FSDP refuses) and refuses any accelerator but CUDA for the
+    class itself (``type(strategy) is FSDPStrategy``). This subclass passes the CPU device; the wrapping, the
+    sharding strategy, Lightning's FSDP precision plugin, its checkpointing and optimizer handling are the real ones.
+    """
+
+    def _setup_model(self, model: nn.Module) -> nn.Module:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        return FullyShardedDataParallel(
+            module=model,
+            cpu_offload=self.cpu_offload,
+            mixed_precision=self.mixed_precision_config,
+            sharding_strategy=self.sharding_strategy,
+            device_id=torch.device("cpu"),
+            **self.kwargs,
+        )
+
+
+def fsdp1_strategy(config: dict[str, Any]) -> CPUFSDPStrategy:
+    return CPUFSDPStrategy(
+        auto_wrap_policy={nn.Linear},
+        sharding_strategy=config.get("sharding", "FULL_SHARD"),
+        process_group_backend="gloo",
+        timeout=TIMEOUT,
+    )
+
+
 class BatchRecorder(Callback):
     """Records the inputs of every training batch this rank saw."""
 
@@ -81,8 +122,14 @@ class BatchRecorder(Callback):
         self.inputs.append(batch[0].detach().double())  # lossless for float32 and float64 runs
 
 
-def full_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Plain tensors of the parameters (FSDP2 ``DTensor`` shards and ZeRO-3 partitions are gathered: collectives)."""
+def full_weights(model: nn.Module, trainer: Trainer) -> dict[str, torch.Tensor]:
+    """Plain tensors of the parameters (FSDP2 ``DTensor`` shards, FSDP v1 fragments and ZeRO-3 partitions are
+    gathered: collectives)."""
+    if isinstance(trainer.strategy, FSDPStrategy):
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        with FullyShardedDataParallel.summon_full_params(trainer.strategy.model):
+            return {k.replace("_fsdp_wrapped_module.", ""): p.detach().clone() for k, p in model.named_parameters()}
     out = {}
     for name, p in model.named_parameters():
         if hasattr(p, "ds_id"):  # a DeepSpeed ZeRO-3 partition: gathered (a collective)
@@ -103,6 +150,11 @@ def run(mode: str, config: dict[str, Any], out: Path) -> None:
         strategy: Any = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, timeout=TIMEOUT)
         model: TinyMLP = FSDP2MLP(momentum=0.9).double()
         devices, num_nodes = 2, 1
+    elif mode == "fsdp1":
+        strategy = fsdp1_strategy(config)
+        # float32: Lightning's FSDP precision plugin has no "64-true"
+        model = (LateMLP if config.get("configure_model") else TinyMLP)(momentum=0.9)
+        devices, num_nodes = 2, 1
     elif mode == "deepspeed":
         cpus = [torch.device("cpu", i) for i in range(2)]
         strategy = CPUDeepSpeedStrategy(
@@ -115,7 +167,7 @@ def run(mode: str, config: dict[str, Any], out: Path) -> None:
         model = TinyMLP(momentum=0.9)
         devices, num_nodes = (2, 1) if mode == "ddp" else (1, 2)
     dataset = make_dataset(num_batches=5, batch_size=3)  # 15 samples: the sampler pads one index per epoch
-    precision = "32-true" if mode == "deepspeed" else "64-true"
+    precision = "32-true" if mode in ("deepspeed", "fsdp1") else "64-true"
     if mode == "fsdp2":
         # ModelParallelStrategy refuses "64-true": the model is built in float64 above and fed float64 data.
         precision = "32-true"
@@ -150,7 +202,13 @@ def run(mode: str, config: dict[str, Any], out: Path) -> None:
     GatheredWeights.high_water = 0
     trainer.fit(model, loader)
     gathered_peak = GatheredWeights.high_water
-    weights = full_weights(model)
+    fragments = mode == "fsdp1" and all(p.ndim == 1 for p in callback._regularizer.parameters())  # still sharded
+    layout = Fsdp1Layout(trainer.strategy.model) if mode == "fsdp1" else None
+    numel = [
+        layout.shape(p).numel() if layout else int(getattr(p, "ds_numel", p.numel()))
+        for p in callback._regularizer.parameters()
+    ]
+    weights = full_weights(model, trainer)
     resumed: dict[str, Any] = {}
     if resume_at:
         # built in float64: the checkpoint is restored into the module before "64-true" would convert it
@@ -159,12 +217,14 @@ def run(mode: str, config: dict[str, Any], out: Path) -> None:
             strategy = CPUDeepSpeedStrategy(
                 stage=config["stage"], process_group_backend="gloo", parallel_devices=cpus, timeout=TIMEOUT
             )
+        elif mode == "fsdp1":
+            strategy = fsdp1_strategy(config)
         else:
             fresh = fresh.double()
             strategy = DDPStrategy(process_group_backend="gloo", timeout=TIMEOUT)
         again = trainer_for([fresh_cb])
         again.fit(fresh, loader, ckpt_path=str(ckpt_dir / f"step={resume_at}.ckpt"))
-        resumed = {"weights": full_weights(fresh), "callback_state": fresh_cb.state_dict()}
+        resumed = {"weights": full_weights(fresh, again), "callback_state": fresh_cb.state_dict()}
     result = {
         "world_size": trainer.world_size,
         "global_rank": trainer.global_rank,
@@ -176,13 +236,14 @@ def run(mode: str, config: dict[str, Any], out: Path) -> None:
         "inputs": recorder.inputs,
         "sharded": any(type(p).__name__ == "DTensor" for p in model.parameters()),
         "zero3_partitioned": any(hasattr(p, "ds_id") for p in model.parameters()),
+        "fsdp1_fragments": fragments,
         "engine": type(trainer.strategy.model).__name__,
         "zero_stage": trainer.strategy.config["zero_optimization"]["stage"] if mode == "deepspeed" else None,
         "engine_steps": getattr(trainer.strategy.model, "global_steps", None),
         "shard": None if callback._shard is None else tuple(callback._shard),
         "resumed": resumed,
         "gathered_peak": gathered_peak,
-        "regularized_numel": sum(int(getattr(p, "ds_numel", p.numel())) for p in callback._regularizer.parameters()),
+        "regularized_numel": sum(numel),
         "checkpoint": str(ckpt_dir / f"step={resume_at}.ckpt") if resume_at else None,
     }
     torch.save(result, out / f"{config['name']}_rank{trainer.global_rank}.pt")
@@ -190,7 +251,7 @@ def run(mode: str, config: dict[str, Any], out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--mode", choices=["ddp", "multinode", "fsdp2", "deepspeed"], required=True)
+    parser.add_argument("--mode", choices=["ddp", "multinode", "fsdp1", "fsdp2", "deepspeed"], required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--configs", type=str, required=True, help="JSON list of configs")
     args = parser.parse_args()
