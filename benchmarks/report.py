@@ -28,7 +28,7 @@ from benchmarks.report_targets import kernel_bound_note, targets, thread_note, u
 
 
 def render(results: Path, doc: Path) -> str:
-    names = ("kernel", "floor", "overhead", "ladder", "scale", "scale_c20", "memory", "compiled", "shard")
+    names = ("kernel", "floor", "overhead", "ladder", "scale", "scale_c20", "memory", "compiled", "shard", "shard_step")
     res = {n: load(results, n) for n in names}
     first = next((r for r in res.values() if r), None)
     machine = first["machine"] if first else {}
@@ -241,6 +241,12 @@ def render(results: Path, doc: Path) -> str:
     )
     out.append(md(results, "shard") + "\n")
     out.append(provenance(res.get("shard"), machine))
+    out.append(
+        "**Real DDP steps** (`python -m benchmarks.shard_step`): Lightning's `DDPStrategy` with 2 processes on gloo, "
+        "the whole training step timed on each rank, with `shard=False` and `shard=True` in one run.\n"
+    )
+    out.append(md(results, "shard_step") + "\n")
+    out.append(provenance(res.get("shard_step"), machine))
 
     out.append("## 9. XLA (PyTorch/XLA's CPU client)\n")
     xla = results / "xla_compilation.md"

@@ -9,9 +9,12 @@ import argparse
 import time
 from collections.abc import Sequence
 
-from benchmarks import common, compiled, floor, kernel, ladder, memory, overhead, report, scale, shard
+from benchmarks import common, compiled, floor, kernel, ladder, memory, overhead, report, scale, shard, shard_step
 
-BENCHMARKS = ("kernel", "floor", "overhead", "ladder", "scale", "scale_c20", "memory", "compiled", "shard")
+BENCHMARKS = (
+    *("kernel", "floor", "overhead", "ladder", "scale", "scale_c20", "memory", "compiled"),
+    *("shard", "shard_step"),
+)
 
 
 def run(argv: Sequence[str] | None = None) -> dict[str, float]:
@@ -40,6 +43,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, float]:
         "memory": (memory.run, []),
         "compiled": (compiled.run, []),
         "shard": (shard.run, []),
+        "shard_step": (shard_step.run, []),
     }
     durations = {}
     for name, (fn, extra) in jobs.items():

@@ -157,12 +157,25 @@ def test_shard_benchmark_measures_shares_and_models_many_ranks(tmp_path):
     assert all(r["idle_ranks"] < r["world"] for r in rows)
 
 
+def test_shard_step_benchmark_times_real_ddp_steps(tmp_path):
+    from benchmarks import shard_step
+
+    payload = shard_step.run([*QUICK, "--out", str(tmp_path)])
+    assert (tmp_path / "shard_step.md").is_file() and (tmp_path / "shard_step.json").is_file()
+    runs = {f"{v}/{m}" for v in shard_step.VARIANTS for m in ("sharded", "unsharded")}
+    assert set(payload["times"]) == {"none"} | runs
+    times = payload["times"].values()
+    assert all(len(ranks) == 2 and all(len(t) == 2 and min(t) > 0 for t in ranks) for ranks in times)
+    assert [r["variant"] for r in payload["rows"]] == list(shard_step.VARIANTS)
+    assert all(r["step_sharded_s"] > 0 and r["step_unsharded_s"] > 0 for r in payload["rows"])
+
+
 def test_run_all_is_one_command(tmp_path):
     from benchmarks import run_all
 
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "benchmarks.run_all", *QUICK, "--out", str(tmp_path), "--doc", str(tmp_path / "b.md")]
-    cmd += ["--skip", "kernel", "overhead", "ladder", "scale", "scale_c20", "memory", "compiled", "shard"]
+    cmd += ["--skip", "kernel", "overhead", "ladder", "scale", "scale_c20", "memory", "compiled", "shard", "shard_step"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     text = (tmp_path / "b.md").read_text()

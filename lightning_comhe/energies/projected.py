@@ -109,8 +109,11 @@ class RandomProjectionEnergy(ProjectedFamily):
         whole = [s for s, c0, c1 in parts if c0 == 0 and c1 == num]
         values, sets = [], []
         if whole:
+            # a run of consecutive sets is read as a view (no copy, and a cheaper backward than indexing)
+            run = whole == list(range(whole[0], whole[0] + len(whole)))
+            pick = slice(whole[0], whole[0] + len(whole)) if run else whole
             values.append(
-                projected_energy(neurons[whole], proj[whole], half_space=True, check_finite=False, **self._kw())
+                projected_energy(neurons[pick], proj[pick], half_space=True, check_finite=False, **self._kw())
             )
             sets += whole
         for s, c0, c1 in parts:

@@ -107,17 +107,20 @@ class GaussianDraw:
         if base is not None and not todo:
             return base
         dtype = dtype if base is None else base.matrices.dtype
-        host = torch.empty((len(todo), k, d), dtype=dtype, device=generator.device)
-        for n, (i, j) in enumerate(todo):
-            generator.manual_seed(seed_of(i, j))
-            torch.randn((k, d), generator=generator, dtype=dtype, device=generator.device, out=host[n])
         filled = have | set(todo)
-        if base is None and len(todo) == len(every):
-            return cls(host.reshape(shape).to(device))
-        mats = torch.zeros(shape, dtype=dtype, device=device) if base is None else base.matrices.clone()
-        rows, cols = torch.tensor(todo, dtype=torch.long, device=device).unbind(1)
-        mats[rows, cols] = host.to(device)
-        return cls(mats, None if len(filled) == len(every) else frozenset(filled))
+        # drawn in place (where the generator lives), each element written once: the slots drawn, zeros elsewhere
+        if base is None:
+            mats = torch.empty(shape, dtype=dtype, device=generator.device)
+        else:
+            mats = base.matrices.to(generator.device, copy=True)  # `base` is never modified
+        for i, j in todo:
+            generator.manual_seed(seed_of(i, j))
+            torch.randn((k, d), generator=generator, dtype=dtype, device=generator.device, out=mats[i, j])
+        if base is None:
+            for i, j in set(every) - set(todo):
+                mats[i, j].zero_()
+        mats = mats.to(device)
+        return cls(mats, None if len(filled) == len(every) else frozenset(filled))  # the new draw: `base` is unchanged
 
     @property
     def complete(self) -> bool:
