@@ -336,6 +336,14 @@ def test_fitting_some_sets_equals_the_whole_fit_on_them(cls) -> None:
     assert torch.equal(got[[0, 2]], init[[0, 2]])
     p = part.projections("k", w, lr=0.05, sets=[1])
     torch.testing.assert_close(p, part.projections("k", w, lr=0.05)[[1]], rtol=1e-12, atol=1e-12)
+    # a run of consecutive sets (read as a view): the same as the whole fit on them, and P's copy is the caller's
+    run = cls(dim=3, steps=2, seed=1)
+    run.objective("k", w)
+    torch.testing.assert_close(run.fit("k", w, lr=0.05, sets=[1, 2]), before_whole[1:3], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(run.get_projection("k")[1:3], ref[1:3], rtol=1e-12, atol=1e-12)
+    q = run.projections("k", w, lr=0.05, sets=[1, 2])
+    q.zero_()
+    assert run.get_projection("k")[1:3].abs().sum() > 0
     for bad in ([1, 1], [4], [], [True]):
         with pytest.raises(ValueError, match=r"^`sets` must be None or distinct set indices in \[0, 4\), got"):
             part.fit("k", w, sets=bad)

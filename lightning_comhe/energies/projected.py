@@ -20,6 +20,7 @@ from lightning_comhe.functional._dtype import compute_dtype
 from lightning_comhe.functional.energy import projected_energy
 from lightning_comhe.functional.expected import expected_projected_energy
 from lightning_comhe.projections import AdversarialProjection, AngleProjection, RandomProjection
+from lightning_comhe.projections.learned import as_index
 
 __all__ = ["LearnedProjectionEnergy", "ProjectedFamily", "RandomProjectionEnergy"]
 
@@ -109,9 +110,7 @@ class RandomProjectionEnergy(ProjectedFamily):
         whole = [s for s, c0, c1 in parts if c0 == 0 and c1 == num]
         values, sets = [], []
         if whole:
-            # a run of consecutive sets is read as a view (no copy, and a cheaper backward than indexing)
-            run = whole == list(range(whole[0], whole[0] + len(whole)))
-            pick = slice(whole[0], whole[0] + len(whole)) if run else whole
+            pick = as_index(whole)  # a run of consecutive sets is read as a view (no copy)
             values.append(
                 projected_energy(neurons[pick], proj[pick], half_space=True, check_finite=False, **self._kw())
             )
@@ -201,7 +200,8 @@ class LearnedProjectionEnergy(ProjectedFamily):
         if group.mode != "projected" or sets is None:
             return super().energy_parts(group, neurons, parts)
         proj = self.projector.projections(group.key, neurons, lr=self.inner_lr(), sets=sets)
-        return projected_energy(neurons[sets], proj, half_space=True, check_finite=False, **self._kw()), sets
+        mine = neurons[as_index(sets)]
+        return projected_energy(mine, proj, half_space=True, check_finite=False, **self._kw()), sets
 
     def retain(self, groups: Sequence[Group]) -> None:
         """Fitted projections of groups that are gone or changed shape start afresh (their generators continue)."""

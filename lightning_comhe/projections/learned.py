@@ -37,8 +37,8 @@ def _check_call_lr(lr: Any) -> float:
     return check_float("lr", lr)  # type: ignore[return-value]
 
 
-def _check_sets_arg(sets: list[int] | None, num_sets: int) -> list[int] | None:
-    """``sets`` as given, after checking that it names distinct sets in ``[0, num_sets)``."""
+def _check_sets_arg(sets: list[int] | None, num_sets: int) -> list[int] | slice | None:
+    """``sets`` checked to name distinct sets in ``[0, num_sets)``, as an index (:func:`as_index`)."""
     if sets is None:
         return None
     if (
@@ -48,7 +48,12 @@ def _check_sets_arg(sets: list[int] | None, num_sets: int) -> list[int] | None:
         or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < num_sets for i in sets)
     ):
         raise ValueError(f"`sets` must be None or distinct set indices in [0, {num_sets}), got {sets!r}.")
-    return list(sets)
+    return as_index(list(sets))
+
+
+def as_index(sets: list[int]) -> list[int] | slice:
+    """``sets`` as an index: a ``slice`` for a run of consecutive sets (a view, no copy), else the list."""
+    return slice(sets[0], sets[0] + len(sets)) if sets == list(range(sets[0], sets[0] + len(sets))) else sets
 
 
 class LearnedProjection:
@@ -318,7 +323,7 @@ class LearnedProjection:
         eta = self.lr if lr is None else _check_call_lr(lr)
         p, _ = self._entry(key, neurons)
         index = _check_sets_arg(sets, p.shape[0])
-        base = p.detach().clone() if index is None else p.detach()[index]
+        base = p.detach().clone() if index is None else p.detach()[index].clone()
         neurons = neurons if index is None else neurons[index]
         if self.lookahead == "none" or eta == 0.0:
             return base[:, None]
