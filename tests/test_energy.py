@@ -895,3 +895,67 @@ def test_overflow_rescaling_keeps_ordinary_rows_bit_for_bit():
     v[1, 3] *= 1e25
     scale = _tiled.overflow_scale(v)
     assert scale[1, 3] == 2.0 ** -torch.frexp(v[1, 3].abs().max()).exponent and (scale == 1).sum() == 17
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Row blocks (one set's penalty split across ranks): fused tiles against the reference formula and brute force
+# ----------------------------------------------------------------------------------------------------------------
+def brute_rows(w, start, stop, power=2, *, half_space=False, angular=False, eps=1e-4):
+    """The rows [start, stop) of the upper triangle, by a double Python loop, with the whole energy's normalization.
+
+    Half-space: each pair (i, j) of W holds its four pairs of [W; -W], and each row i its antipodal pair (w_i, -w_i).
+    """
+    s, angular = effective_power(power, angular)
+    n = w.shape[0]
+
+    def term(x, y):
+        c = (x * y).sum() / (torch.sqrt((x * x).sum() + eps) * torch.sqrt((y * y).sum() + eps))
+        if angular:
+            a = torch.acos(c) / math.pi + eps
+            return -torch.log(a) if s == 0 else a ** (-s)
+        d = 2 - 2 * c
+        return -torch.log(d) if s == 0 else d ** (-s / 2)
+
+    total = w.new_zeros(())
+    for i in range(start, stop):
+        for j in range(i + 1, n):
+            total = total + (2 * term(w[i], w[j]) + 2 * term(w[i], -w[j]) if half_space else term(w[i], w[j]))
+        if half_space:
+            total = total + term(w[i], -w[i])
+    return total / (n * (2 * n - 1) if half_space else n * (n - 1) / 2)
+
+
+@pytest.mark.parametrize("power", [2, 0, 1, "a0", "a2"])
+@pytest.mark.parametrize("half_space", [False, True])
+def test_row_blocks_on_the_fused_tiles_equal_the_reference_and_brute_force(power, half_space) -> None:
+    torch.manual_seed(3)
+    w = torch.randn(2, 70, 7, dtype=torch.float64, requires_grad=True)
+    blocks = [(0, 4), (4, 60), (60, 70)]  # a partition; tiles of 18 rows: the middle block spans four
+    fused = hyperspherical_energy(w, power=power, half_space=half_space, rows=blocks)
+    ref = hyperspherical_energy(w, power=power, half_space=half_space, rows=blocks, backend="autograd")
+    assert fused.shape == (2, 3)
+    for b, (start, stop) in enumerate(blocks):
+        brute = brute_rows(w[1].detach(), start, stop, power, half_space=half_space)
+        torch.testing.assert_close(fused[1, b], brute, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(fused, ref, atol=1e-13, rtol=1e-11)
+    whole = hyperspherical_energy(w, power=power, half_space=half_space)
+    torch.testing.assert_close(fused.sum(-1), whole, atol=1e-13, rtol=1e-11)  # the blocks sum to the energy
+    weights = torch.tensor([[1.0, -2.0, 0.5], [0.3, 1.0, 3.0]], dtype=torch.float64)
+    (g_fused,) = torch.autograd.grad((fused * weights).sum(), w)
+    (g_ref,) = torch.autograd.grad((ref * weights).sum(), w)
+    torch.testing.assert_close(g_fused, g_ref, atol=1e-13, rtol=1e-10)
+
+
+def test_a_row_block_on_the_fused_tiles_is_twice_differentiable() -> None:
+    torch.manual_seed(4)
+    w = torch.randn(1, 9, 4, dtype=torch.float64, requires_grad=True)
+    for half_space in (False, True):
+
+        def fn(x, half_space=half_space):
+            return hyperspherical_energy(x, rows=(2, 6), half_space=half_space, power="a1")
+
+        assert torch.autograd.gradcheck(fn, (w,))
+        assert torch.autograd.gradgradcheck(fn, (w,))
+    with torch.no_grad():  # no gradient recorded in the forward: the backward recomputes the tiles
+        plain = hyperspherical_energy(w, rows=(2, 6))
+    torch.testing.assert_close(plain, hyperspherical_energy(w, rows=(2, 6), backend="autograd").detach())

@@ -63,10 +63,11 @@ def _tile_rows(batch: int, n: int, tile_size: int | None) -> int:
     return _tile_plan(batch, n, tile_size)[0]
 
 
-def _tiles(n: int, rows: int, cols: int) -> Iterator[tuple[int, int, int, int]]:
-    """``(r0, r1, c0, c1)`` covering the upper triangle: row blocks ``[r0, r1)``, column blocks from ``r0``."""
-    for r0 in range(0, n - 1, rows):
-        r1 = min(r0 + rows, n)
+def _tiles(n: int, rows: int, cols: int, span: tuple[int, int] | None = None) -> Iterator[tuple[int, int, int, int]]:
+    """``(r0, r1, c0, c1)`` over the upper triangle's rows (``span``: rows ``[lo, hi)``), columns from ``r0``."""
+    lo, hi = span or (0, n)
+    for r0 in range(lo, min(hi, n - 1), rows):
+        r1 = min(r0 + rows, hi)
         for c0 in range(r0, n, cols):
             yield r0, r1, c0, min(c0 + cols, n)
 
@@ -99,6 +100,7 @@ def _fused_tiles(
     rows: int,
     need_value: bool = True,
     need_grad: bool = False,
+    span: tuple[int, int] | None = None,
 ) -> tuple[Tensor | None, Tensor | None]:
     """Per-set sums over i<j of the terms (B,) and/or their gradient with respect to ``u`` (no graph).
 
@@ -119,7 +121,7 @@ def _fused_tiles(
         b1 = min(b0 + chunk, bsz)
         ub, qb = u[b0:b1], q[b0:b1]
         bound_max = _tile_bound_max(qb)
-        for r0, r1, c0, c1 in _tiles(n, rows, cols):
+        for r0, r1, c0, c1 in _tiles(n, rows, cols, span):
             r = r1 - r0
             diag = c0 == r0  # the tile starts with the (symmetric) diagonal block [r0, r1)²
             ur, uc = ub[:, r0:r1], ub[:, c0:c1]
@@ -153,15 +155,22 @@ def _fused_tiles(
 
 
 def _differentiable_backward(
-    u: Tensor, q: Tensor, grad_out: Tensor, s: float, angular: bool, half_space: bool, eps: float, rows: int
+    u: Tensor,
+    q: Tensor,
+    grad_out: Tensor,
+    s: float,
+    angular: bool,
+    half_space: bool,
+    eps: float,
+    rows: int,
+    span: tuple[int, int] | None = None,
 ) -> Tensor:
     """The gradient built from differentiable ops, for double backward (``create_graph=True``)."""
     bsz, n, _ = u.shape
     idx = torch.arange(n, device=u.device)
     grad_u = torch.zeros_like(u)
     scale = grad_out[:, None, None]
-    for r0 in range(0, n - 1, rows):
-        r1 = min(r0 + rows, n)
+    for r0, r1, _, _ in _tiles(n, rows, n, span):  # one column block per row block: [r0, n)
         ur, uc = u[:, r0:r1], u[:, r0:]
         c = torch.bmm(ur, uc.transpose(1, 2))
         b = q[:, r0:r1, None] + q[:, None, r0:]
@@ -174,7 +183,9 @@ def _differentiable_backward(
     return grad_u
 
 
-def _compiled_tiles(u: Tensor, q: Tensor, fns: tuple, rows: int, need_grad: bool) -> tuple[Tensor, Tensor | None]:
+def _compiled_tiles(
+    u: Tensor, q: Tensor, fns: tuple, rows: int, need_grad: bool, span: tuple[int, int] | None = None
+) -> tuple[Tensor, Tensor | None]:
     """`_fused_tiles` with the per-tile work compiled: ``fns = (tile_sum, tile_sum_and_grad)``."""
     bsz, n, _ = u.shape
     chunk, cols = _chunk_and_cols(bsz, n, rows)
@@ -183,7 +194,7 @@ def _compiled_tiles(u: Tensor, q: Tensor, fns: tuple, rows: int, need_grad: bool
     grad_u = torch.zeros_like(u) if need_grad else None
     for b0 in range(0, bsz, chunk):
         ub, qb = u[b0 : b0 + chunk], q[b0 : b0 + chunk]
-        for r0, r1, c0, c1 in _tiles(n, rows, cols):
+        for r0, r1, c0, c1 in _tiles(n, rows, cols, span):
             if grad_u is None:
                 total[b0 : b0 + chunk] += tile_sum(ub, qb, r0, r1, c0, c1)
                 continue
@@ -217,32 +228,33 @@ class _FusedPairEnergy(torch.autograd.Function):
         rows: int,
         compiled: bool = False,
         need_grad: bool = False,
+        span: tuple[int, int] | None = None,
     ):
         fns = _compiled.compiled_tile_fns(s, angular, half_space, eps) if compiled else None
 
         def eager() -> tuple[Tensor | None, Tensor | None]:
-            return _fused_tiles(u, q, s, angular, half_space, eps, rows, need_value=True, need_grad=need_grad)
+            return _fused_tiles(u, q, s, angular, half_space, eps, rows, True, need_grad, span)
 
         if fns is not None:
-            total, grad_u = _compiled.run_or_fallback(lambda: _compiled_tiles(u, q, fns, rows, need_grad), eager)
+            total, grad_u = _compiled.run_or_fallback(lambda: _compiled_tiles(u, q, fns, rows, need_grad, span), eager)
         else:
             total, grad_u = eager()
         ctx.save_for_backward(u, q, grad_u)
-        ctx.config = (s, angular, half_space, eps, rows)
+        ctx.config = (s, angular, half_space, eps, rows, span)
         return total
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         u, q, grad_u = ctx.saved_tensors
-        s, angular, half_space, eps, rows = ctx.config
+        s, angular, half_space, eps, rows, span = ctx.config
         if torch.is_grad_enabled():  # double backward: build the gradient out of place, from differentiable ops
-            grad = _differentiable_backward(u, q, grad_out, s, angular, half_space, eps, rows)
+            grad = _differentiable_backward(u, q, grad_out, s, angular, half_space, eps, rows, span)
         elif grad_u is not None:
             grad = grad_u * grad_out[:, None, None]
         else:  # the forward ran without a gradient request (e.g. under no_grad) but a gradient is asked for now
-            grad = _fused_tiles(u, q, s, angular, half_space, eps, rows, need_value=False, need_grad=True)[1]
+            grad = _fused_tiles(u, q, s, angular, half_space, eps, rows, False, True, span)[1]
             grad = grad.mul_(grad_out[:, None, None])
-        return grad, None, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None, None
 
 
 class _EpsNormalize(torch.autograd.Function):

@@ -114,9 +114,9 @@ def hyperspherical_energy(
             :math:`\frac{1}{Z}(\sum_{i \in I}\sum_{j > i} f(c_{ij}) + \text{the rows' antipodal terms})` with the
             whole energy's normalization :math:`Z`. The parts of any partition of the rows sum to the energy, and
             so do their gradients: this is how one set's penalty is split across data-parallel ranks
-            (:mod:`lightning_comhe.sharding`). Computed by the reference formula (``backend`` and ``tile_size`` do
-            not apply); ``None``: the whole energy. A list of such blocks gives one part per block (a trailing
-            dimension), normalizing the neurons once.
+            (:mod:`lightning_comhe.sharding`). Computed on the fused tiles restricted to those rows (``backend``
+            applies; ``tile_size`` does not); ``None``: the whole energy. A list of such blocks gives one part per
+            block (a trailing dimension), normalizing the neurons once.
 
     Returns:
         A scalar for ``(N, d)`` input, or a ``(B,)`` tensor, in the compute dtype.
@@ -156,7 +156,7 @@ def hyperspherical_energy(
         if blocks is None:
             out = energy_core(v, s, angular, half_space, float(eps), backend, tile_size)
         else:
-            out = rows_core(v, blocks, s, angular, half_space, float(eps))
+            out = rows_core(v, blocks, s, angular, half_space, float(eps), backend)
             out = out[..., 0] if isinstance(rows, tuple) else out
     return out if batched else out[0]
 
